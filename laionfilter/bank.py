@@ -1,0 +1,241 @@
+"""The task-vector bank: θ_pre plus n task vectors τ_i = θ_ft_i − θ_pre, one per parameter tensor (eq. 1).
+
+On disk a bank is a folder with ``weights.safetensors`` (``pre.<layer>`` in float32 and
+``tau.<layer>`` stacked over tasks as ``[n, *shape]`` in the storage dtype) and ``manifest.json``.
+The manifest's fingerprint covers the weights file and the manifest itself; loading verifies it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import LaionfilterError
+from .finetune import TASK_FORMAT
+from .model import Architecture, ScoreModel, build_architecture, layer_names, load_base, load_state, model_state
+from .safefiles import file_sha256, read_json, read_metadata, read_safetensors, state_fingerprint, write_json, write_safetensors
+
+BANK_FORMAT = "laionfilter.bank/1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _fingerprint(weights: Path, manifest: dict[str, Any]) -> str:
+    h = file_sha256(weights)
+    body = {k: v for k, v in manifest.items() if k != "fingerprint"}
+    h.update(json.dumps(body, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Bank:
+    path: Path
+    manifest: dict[str, Any]
+    pre: dict[str, torch.Tensor]  # layer → θ_pre (float32)
+    tau: dict[str, torch.Tensor]  # layer → [n, *shape] task vectors (storage dtype)
+
+    @property
+    def layers(self) -> list[str]:
+        return self.manifest["layers"]
+
+    @property
+    def tasks(self) -> list[dict[str, Any]]:
+        return self.manifest["tasks"]
+
+    @property
+    def n(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def architecture(self) -> Architecture:
+        return Architecture.from_json(self.manifest["architecture"])
+
+    def new_model(self) -> ScoreModel:
+        """An empty model of the bank's architecture (weights to be filled)."""
+        arch = self.architecture
+        _, model = build_architecture(arch.name, arch.head, arch.model_config, arch.preprocess)
+        return model
+
+    def merged_state(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ_pre^l + Σ_i α_i^l τ_i^l for every layer (eq. 2); ``alpha`` is n × L, or n for one per task."""
+        from .merge import merge_weights
+
+        return merge_weights(self.pre, self.tau, self.layers, alpha)
+
+    def task_state(self, i: int) -> dict[str, torch.Tensor]:
+        """θ_pre + τ_i: task i's fine-tuned weights."""
+        alpha = torch.zeros(self.n)
+        alpha[i] = 1
+        return self.merged_state(alpha)
+
+    def model(self, state: dict[str, torch.Tensor]) -> ScoreModel:
+        m = self.new_model()
+        load_state(m, state, self.path)
+        return m.eval()
+
+    def task_model(self, i: int) -> ScoreModel:
+        return self.model(self.task_state(i))
+
+    def base_model(self) -> ScoreModel:
+        return self.model(self.pre)
+
+    def similarity(self) -> np.ndarray:
+        """Cosine similarity of the flattened task vectors (the paper's Fig. 4)."""
+        n = self.n
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for t in self.tau.values():
+            flat = t.reshape(n, -1).double()
+            gram += flat @ flat.T
+        norms = gram.diagonal().sqrt().clamp_min(1e-30)
+        return (gram / norms[:, None] / norms[None, :]).numpy()
+
+
+def load_bank(path: str | os.PathLike, verify: bool = True) -> Bank:
+    path = Path(path)
+    if not path.is_dir():
+        raise LaionfilterError(f"{path}: no such bank folder")
+    manifest = read_json(path / "manifest.json", what="bank manifest")
+    if manifest.get("format") != BANK_FORMAT:
+        raise LaionfilterError(f"{path / 'manifest.json'}: not a laionfilter bank manifest (format {manifest.get('format')!r})")
+    weights = path / "weights.safetensors"
+    tensors, _ = read_safetensors(weights, what="bank weights")
+    if verify and _fingerprint(weights, manifest) != manifest.get("fingerprint"):
+        raise LaionfilterError(f"{path}: content does not match the manifest's fingerprint (modified or corrupt)")
+    n = len(manifest["tasks"])
+    pre, tau = {}, {}
+    for layer, shape in zip(manifest["layers"], manifest["shapes"]):
+        for key, store, want in ((f"pre.{layer}", pre, tuple(shape)), (f"tau.{layer}", tau, (n, *shape))):
+            if key not in tensors:
+                raise LaionfilterError(f"{weights}: tensor {key} is missing")
+            if tuple(tensors[key].shape) != want:
+                raise LaionfilterError(f"{weights}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {want}")
+            store[layer] = tensors[key]
+    return Bank(path, manifest, pre, tau)
+
+
+def _read_task(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = read_safetensors(path, what="task checkpoint")
+    if meta.get("format") != TASK_FORMAT:
+        raise LaionfilterError(f"{path}: not a laionfilter task checkpoint (no '{TASK_FORMAT}' metadata)")
+    return tensors, meta
+
+
+def build_bank(tasks: list[str | os.PathLike], out: str | os.PathLike, base: str | None = None,
+               dtype: str = "float16") -> Bank:
+    """Pack task checkpoints fine-tuned from one base into a bank; refuses tasks from another base."""
+    if not tasks:
+        raise LaionfilterError("bank build needs at least one task checkpoint")
+    if dtype not in DTYPES:
+        raise LaionfilterError(f"--dtype must be one of {', '.join(DTYPES)}")
+    paths = [Path(t) for t in tasks]
+    metas = [read_metadata(p, what="task checkpoint") for p in paths]
+    for p, m in zip(paths, metas):
+        if m.get("format") != TASK_FORMAT:
+            raise LaionfilterError(f"{p}: not a laionfilter task checkpoint (no '{TASK_FORMAT}' metadata)")
+    first = metas[0]
+    for p, m in zip(paths[1:], metas[1:]):
+        if m["base"]["fingerprint"] != first["base"]["fingerprint"] or m["architecture"] != first["architecture"]:
+            raise LaionfilterError(
+                f"{p}: fine-tuned from another base ({m['base']['spec']}, fingerprint {m['base']['fingerprint'][:12]}) "
+                f"than {paths[0]} ({first['base']['spec']}, {first['base']['fingerprint'][:12]}); "
+                "task vectors only combine when every task starts from the same θ_pre"
+            )
+    names = [m["name"] for m in metas]
+    if len(set(names)) != len(names):
+        raise LaionfilterError(f"task names repeat: {names}; give each task a distinct --name when fine-tuning")
+    arch = Architecture.from_json(first["architecture"])
+    _, base_model = load_base(base or first["base"]["spec"], arch.head)
+    pre = model_state(base_model)
+    if state_fingerprint(pre) != first["base"]["fingerprint"]:
+        raise LaionfilterError(
+            f"the base {base or first['base']['spec']!r} does not reproduce the weights the tasks were fine-tuned "
+            f"from (fingerprint {state_fingerprint(pre)[:12]} vs {first['base']['fingerprint'][:12]}); pass --base"
+        )
+    layers = layer_names(base_model)
+    taus: dict[str, list[torch.Tensor]] = {l: [] for l in layers}
+    for p in paths:
+        ft, meta = _read_task(p)
+        if meta["layers"] != layers:
+            raise LaionfilterError(f"{p}: its layer list differs from the base's")
+        for l in layers:
+            if l not in ft:
+                raise LaionfilterError(f"{p}: tensor {l} is missing")
+            if ft[l].shape != pre[l].shape:
+                raise LaionfilterError(f"{p}: tensor {l} has shape {tuple(ft[l].shape)}, the base has {tuple(pre[l].shape)}")
+            taus[l].append(ft[l].float() - pre[l])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"pre.{l}": pre[l] for l in layers}
+    tensors.update({f"tau.{l}": torch.stack(taus[l]).to(DTYPES[dtype]) for l in layers})
+    weights = write_safetensors(out / "weights.safetensors", tensors, {"format": BANK_FORMAT})
+    manifest = {
+        "format": BANK_FORMAT,
+        "laionfilter_version": __version__,
+        "architecture": arch.to_json(),
+        "base": first["base"],
+        "layers": layers,
+        "shapes": [list(pre[l].shape) for l in layers],
+        "dtype": dtype,
+        "tasks": [
+            {"name": m["name"], "database": m["database"], "scale": m["scale"], "template": m["template"],
+             "metrics": m["metrics"], "source": str(p), "source_sha256": file_sha256(p).hexdigest()}
+            for p, m in zip(paths, metas)
+        ],
+    }
+    manifest["fingerprint"] = _fingerprint(weights, manifest)
+    write_json(out / "manifest.json", manifest)
+    return load_bank(out)
+
+
+def bank_info(bank: Bank) -> dict[str, Any]:
+    """What ``bank info`` shows, as plain data."""
+    weights = bank.path / "weights.safetensors"
+    params = sum(t.numel() for t in bank.pre.values())
+    return {
+        "path": str(bank.path),
+        "fingerprint": bank.fingerprint,
+        "architecture": bank.manifest["architecture"]["name"],
+        "base": bank.manifest["base"]["spec"],
+        "n": bank.n,
+        "L": len(bank.layers),
+        "parameters_per_model": params,
+        "dtype": bank.manifest["dtype"],
+        "size_bytes": weights.stat().st_size,
+        "tasks": [{"name": t["name"], "scale": t["scale"], **{k: t["metrics"].get(k) for k in ("val_srocc", "val_plcc", "n_val")}}
+                  for t in bank.tasks],
+        "similarity": [[round(float(v), 4) for v in row] for row in bank.similarity()],
+    }
+
+
+def plot_similarity(info: dict[str, Any], out: str | os.PathLike) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [t["name"] for t in info["tasks"]]
+    sim = np.array(info["similarity"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(names), 0.8 + 0.8 * len(names)))
+    im = ax.imshow(sim, cmap="viridis", vmin=min(0.0, sim.min()), vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", color="w" if sim[i, j] < 0.6 else "k", fontsize=8)
+    ax.set_title("cosine similarity of task vectors")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,154 @@
+"""The command line: each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from .errors import LaionfilterError
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+class _Group(click.Group):
+    """Turns the library's LaionfilterError into Click's one-line ``Error: ...`` and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LaionfilterError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="laionfilter")
+def cli() -> None:
+    """Personalised aesthetic filtering of web-scale image collections (task-vector customisation)."""
+
+
+@cli.command()
+@click.argument("database")
+@click.option("--base", help="θ_pre: ARCH, ARCH:PRETRAINED (open_clip tag) or ARCH:PATH.safetensors.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Task checkpoint to write (.safetensors).")
+@click.option("--job", type=click.Path(dir_okay=False), help="A jobs/finetune-*.toml file with the settings.")
+@click.option("--name", help="Task name (default: the database's file name).")
+@click.option("--scale", type=click.Choice(["1-10", "1-5"]), help="Score template: 1..10, or 0.5..5 for 1–5 databases.")
+@click.option("--score-range", nargs=2, type=float, help="Map raw scores LOW..HIGH linearly onto the template.")
+@click.option("--head-steps", type=int, help="Stage 1 (head only) steps.")
+@click.option("--backbone-steps", type=int, help="Stage 2 (everything) steps.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=int, help="DataLoader worker processes.")
+@click.option("--seed", type=int)
+@click.option("--no-resume", is_flag=True, help="Ignore an existing OUT.ckpt/ checkpoint.")
+def finetune(database, base, out, job, name, scale, score_range, head_steps, backbone_steps, device, workers, seed, no_resume):
+    """Phase 1: fine-tune a score model on DATABASE (a table or WebDataset shards), once per database.
+
+    \b
+    Example:
+      laionfilter finetune ava.parquet --job jobs/finetune-ava.toml --base ViT-B-16:laion2b_s34b_b88k --out ava.safetensors
+    """
+    from .finetune import FinetuneConfig, config_from_dict, finetune as run, load_job
+
+    opts = dict(database=database, base=base, name=name, scale=scale, score_range=score_range or None,
+                device=device, workers=workers, seed=seed)
+    cfg = load_job(job, **opts) if job else config_from_dict({k: v for k, v in opts.items() if v is not None})
+    stages = {}
+    if head_steps is not None:
+        stages["head"] = {**cfg.to_json()["head"], "steps": head_steps}
+    if backbone_steps is not None:
+        stages["backbone"] = {**cfg.to_json()["backbone"], "steps": backbone_steps}
+    if stages:
+        cfg = config_from_dict({**cfg.to_json(), **stages})
+    meta = run(cfg, out, resume=not no_resume)
+    m = meta["metrics"]
+    click.echo(f"{out}: task {meta['name']!r} validation SROCC {m['val_srocc']:.3f} PLCC {m['val_plcc']:.3f} "
+               f"(loss {m['val_loss_before']:.4f} → {m['val_loss']:.4f}, {m['n_val']} images)")
+
+
+@cli.group()
+def bank() -> None:
+    """Build and inspect task-vector banks."""
+
+
+@bank.command("build")
+@click.argument("tasks", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bank folder to write.")
+@click.option("--base", help="θ_pre, if not the one recorded in the tasks (e.g. the same weights at another path).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16",
+              help="Storage dtype of the task vectors (θ_pre stays float32).")
+def bank_build(tasks, out, base, dtype):
+    """Pack task checkpoints fine-tuned from one base into a bank.
+
+    \b
+    Example:
+      laionfilter bank build ava.safetensors koniq.safetensors --out bank/
+    """
+    from .bank import build_bank
+
+    b = build_bank(list(tasks), out, base=base, dtype=dtype)
+    click.echo(f"{out}: {b.n} tasks × {len(b.layers)} layers, fingerprint {b.fingerprint[:16]}")
+
+
+@bank.command("starter")
+@click.option("--out", type=click.Path(file_okay=False), help="Bank folder (default: the cache, used by --bank starter).")
+@click.option("--job", type=click.Path(dir_okay=False), help="jobs/starter-bank.toml or a variant of it.")
+@click.option("--workdir", type=click.Path(file_okay=False), help="Where databases and task checkpoints go (default: OUT.work).")
+def bank_starter(out, job, workdir):
+    """Build the starter bank offline from photos bundled in PyPI packages (a few minutes on 2 CPU cores).
+
+    \b
+    Example:
+      laionfilter bank starter --job jobs/starter-bank.toml --out starter-bank/
+    """
+    from .starter import StarterConfig, build_starter, default_cache, load_starter_job
+
+    cfg = load_starter_job(job) if job else StarterConfig()
+    out = out or str(default_cache() / "starter-bank")
+    b = build_starter(out, cfg, workdir=workdir)
+    click.echo(f"{out}: starter bank with {b.n} tasks; see `laionfilter bank info {out}`")
+
+
+@bank.command("info")
+@click.argument("bank_path", metavar="BANK", default="starter")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw the task-vector similarity matrix to a PNG.")
+def bank_info_cmd(bank_path, as_json, plot):
+    """Show a bank's tasks, size, validation metrics and task-vector similarities.
+
+    \b
+    Example:
+      laionfilter bank info starter --plot similarity.png
+    """
+    from .bank import bank_info, plot_similarity
+    from .starter import resolve_bank
+
+    info = bank_info(resolve_bank(bank_path))
+    if plot:
+        plot_similarity(info, plot)
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"bank {info['path']}\n  architecture {info['architecture']} (base {info['base']})")
+    click.echo(f"  n = {info['n']} tasks, L = {info['L']} layers, {info['parameters_per_model']:,} parameters per model, "
+               f"task vectors in {info['dtype']}, {info['size_bytes'] / 2**20:.1f} MiB")
+    click.echo(f"  fingerprint {info['fingerprint']}\n")
+    w = max(len(t["name"]) for t in info["tasks"])
+    click.echo(f"  {'task':<{w}}  scale  val SROCC  val PLCC  n val")
+    for t in info["tasks"]:
+        click.echo(f"  {t['name']:<{w}}  {t['scale']:>5}  {t['val_srocc']:9.3f}  {t['val_plcc']:8.3f}  {t['n_val']:5d}")
+    click.echo("\n  cosine similarity of task vectors:")
+    click.echo("  " + " " * w + "".join(f"{t['name'][:7]:>8}" for t in info["tasks"]))
+    for t, row in zip(info["tasks"], info["similarity"]):
+        click.echo(f"  {t['name']:<{w}}" + "".join(f"{v:8.2f}" for v in row))
+    if plot:
+        click.echo(f"\n  similarity plot: {plot}")
+
+
+def main() -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    cli()

@@ -1,0 +1,268 @@
+"""The score model: an OpenCLIP vision tower plus the unified regression head (appendix D).
+
+One code path builds it from an OpenCLIP architecture name with a pretrained tag
+(``ViT-B-16:laion2b_s34b_b88k``), an architecture with a local safetensors checkpoint
+(``ViT-B-16:/path/to/open_clip_model.safetensors``), or an architecture alone (random weights,
+e.g. the tiny configs in ``model_configs/`` that tests and the starter bank use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from .errors import LaionfilterError
+from .safefiles import read_safetensors, state_fingerprint
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+# Score templates: the head's 10 probabilities are dotted with one of these (appendix D).
+SCALES = {"1-10": tuple(float(i) for i in range(1, 11)), "1-5": tuple(0.5 * i for i in range(1, 11))}
+
+
+def register_configs() -> None:
+    """Make laionfilter's own OpenCLIP configs (tiny test/starter towers) known to open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden: int = 512  # width of the hidden layer (appendix D)
+    outputs: int = 10  # score bins, dotted with the template
+    dropout: float = 0.5
+    seed: int = 0  # one seeded initialisation shared by every task, so head deltas are task vectors
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Where θ_pre comes from: ``ARCH``, ``ARCH:PRETRAINED_TAG`` or ``ARCH:PATH.safetensors``."""
+
+    arch: str
+    pretrained: str | None = None  # an open_clip pretrained tag, downloaded by open_clip
+    checkpoint: str | None = None  # a local safetensors file
+
+    @classmethod
+    def parse(cls, text: str) -> "BaseSpec":
+        arch, sep, rest = text.partition(":")
+        if not arch:
+            raise LaionfilterError(f"base {text!r}: expected ARCH, ARCH:PRETRAINED or ARCH:PATH")
+        if not sep or not rest:
+            return cls(arch)
+        if "/" in rest or rest.endswith((".safetensors", ".pt", ".pth", ".bin")) or Path(rest).exists():
+            return cls(arch, checkpoint=rest)
+        return cls(arch, pretrained=rest)
+
+    def __str__(self) -> str:
+        return self.arch + (f":{self.pretrained}" if self.pretrained else "") + (f":{self.checkpoint}" if self.checkpoint else "")
+
+
+class ScoreHead(nn.Sequential):
+    """Linear(embed, 512) → GELU → Dropout(0.5) → Linear(512, 10) → Sigmoid."""
+
+    def __init__(self, embed_dim: int, cfg: HeadConfig):
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.seed)
+        try:
+            super().__init__(
+                nn.Linear(embed_dim, cfg.hidden),
+                nn.GELU(),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.hidden, cfg.outputs),
+                nn.Sigmoid(),
+            )
+        finally:
+            torch.random.set_rng_state(gen_state)
+
+
+class ScoreModel(nn.Module):
+    """Image → score on a database's scale: the expected value of the normalised 10-bin head output."""
+
+    def __init__(self, visual: nn.Module, head: ScoreHead, template: tuple[float, ...] = SCALES["1-10"]):
+        super().__init__()
+        self.visual = visual
+        self.head = head
+        self.register_buffer("template", torch.tensor(template, dtype=torch.float32), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        probs = self.head(self.visual(images)).float()
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs @ self.template
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything needed to rebuild the network shape and its eval preprocessing (saved in manifests)."""
+
+    name: str  # OpenCLIP model name
+    model_config: dict[str, Any]  # OpenCLIP's config (embed_dim, vision_cfg, ...) for that name
+    preprocess: dict[str, Any]  # size, mean, std, interpolation, resize_mode
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["preprocess"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.preprocess.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Architecture":
+        return cls(d["name"], d["model_config"], d["preprocess"], HeadConfig(**d.get("head", {})))
+
+
+def _ensure_arch_known(name: str, model_config: dict[str, Any] | None = None) -> None:
+    register_configs()
+    if name in open_clip.list_models():
+        return
+    if model_config is None:
+        raise LaionfilterError(
+            f"unknown OpenCLIP architecture {name!r}; known ones include ViT-B-16, ViT-L-14 "
+            "(see open_clip.list_models())"
+        )
+    # A manifest carries the config of an architecture this machine does not know: register it.
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / f"{name}.json"
+        p.write_text(json.dumps(model_config))
+        open_clip.add_model_config(p)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class _QuietRandomInit(logging.Filter):
+    # open_clip warns on every random init; random weights are intended for the tiny configs.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+def _create_visual(arch: str, pretrained: str | None, seed: int) -> nn.Module:
+    try:
+        quiet = _QuietRandomInit()
+        logging.getLogger().addFilter(quiet)
+        try:
+            with _seeded(seed):
+                clip = open_clip.create_model(arch, pretrained=pretrained, require_pretrained=bool(pretrained))
+        finally:
+            logging.getLogger().removeFilter(quiet)
+    except LaionfilterError:
+        raise
+    except Exception as e:  # open_clip raises many kinds (hub offline, unknown tag, ...)
+        raise LaionfilterError(
+            f"could not build OpenCLIP {arch!r}" + (f" with pretrained weights {pretrained!r}" if pretrained else "")
+            + f": {e}" + (" (no model hub reachable? use ARCH:/path/to/weights.safetensors)" if pretrained else "")
+        ) from None
+    visual = clip.visual
+    del clip
+    return visual
+
+
+def preprocess_of(visual: nn.Module) -> dict[str, Any]:
+    cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
+    cfg.pop("mode", None)
+    cfg.pop("fill_color", None)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def build_architecture(arch: str, head: HeadConfig = HeadConfig(), model_config: dict[str, Any] | None = None,
+                       preprocess: dict[str, Any] | None = None) -> tuple[Architecture, ScoreModel]:
+    """A randomly initialised score model of the given architecture (seeded: same arch, same weights)."""
+    _ensure_arch_known(arch, model_config)
+    visual = _create_visual(arch, None, head.seed)
+    model = ScoreModel(visual, ScoreHead(visual.output_dim, head))
+    pre = preprocess or preprocess_of(visual)
+    return Architecture(arch, model_config or open_clip.get_model_config(arch), pre, head), model
+
+
+def load_base(spec: BaseSpec | str, head: HeadConfig = HeadConfig()) -> tuple[Architecture, ScoreModel]:
+    """θ_pre as a ScoreModel, from a pretrained tag, a local safetensors checkpoint, or random weights.
+
+    A local checkpoint may be an OpenCLIP state dict (``visual.*`` keys; text tower keys are ignored)
+    or a laionfilter checkpoint (``visual.*`` and ``head.*``). Where it has no head, the head is the
+    seeded initialisation.
+    """
+    spec = BaseSpec.parse(spec) if isinstance(spec, str) else spec
+    _ensure_arch_known(spec.arch)
+    visual = _create_visual(spec.arch, spec.pretrained, head.seed)
+    model = ScoreModel(visual, ScoreHead(visual.output_dim, head))
+    if spec.checkpoint:
+        tensors, _ = read_safetensors(spec.checkpoint, what="checkpoint")
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+        load_state(model, tensors, spec.checkpoint, require_head=False)
+    return Architecture(spec.arch, open_clip.get_model_config(spec.arch), preprocess_of(visual), head), model
+
+
+def load_state(model: ScoreModel, tensors: dict[str, torch.Tensor], source: str | Path, require_head: bool = True) -> None:
+    """Copy ``visual.*`` and ``head.*`` tensors into the model, checking names and shapes."""
+    own = dict(model.named_parameters())
+    wanted = [n for n in own if require_head or n.startswith("visual.")]
+    missing = [n for n in wanted if n not in tensors]
+    if missing:
+        raise LaionfilterError(
+            f"{source}: missing {len(missing)} of the model's {len(wanted)} tensors "
+            f"(first: {', '.join(missing[:3])}); is it a checkpoint of this architecture?"
+        )
+    with torch.no_grad():
+        for name, param in own.items():
+            if name not in tensors:
+                continue
+            t = tensors[name]
+            if tuple(t.shape) != tuple(param.shape):
+                raise LaionfilterError(
+                    f"{source}: tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(param.shape)}"
+                )
+            param.copy_(t.to(param.dtype))
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """The model's 'layers' in the paper's sense: one per parameter tensor, in registration order."""
+    return [n for n, _ in model.named_parameters()]
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    return state_fingerprint(model_state(model))
+
+
+def eval_transform(arch: Architecture):
+    """open_clip's deterministic eval transform (resize, centre crop, normalise) for this model."""
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.preprocess.items()}
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LaionfilterError(f"--device {name}: no CUDA GPU is visible on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LaionfilterError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+    return dev
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; full precision on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,132 @@
+"""Reading and writing tensors and JSON safely.
+
+Banks, task checkpoints and profiles may come from strangers, so tensors are only ever read from
+safetensors files and metadata from JSON: nothing is unpickled. Every error names the file.
+Writes go to a temporary name in the same folder and are renamed into place when whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import LaionfilterError
+
+META_KEY = "laionfilter"
+
+# What the first bytes of a file say it is, for files that are not safetensors.
+_PICKLE_SIGNS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _explain_not_safetensors(path: Path, head: bytes) -> str:
+    if head.startswith(_PICKLE_SIGNS):
+        return (
+            f"{path}: this is a pickled PyTorch file (torch.save); laionfilter never unpickles files, "
+            "since a pickle can run arbitrary code. Convert it to safetensors on a machine where you trust "
+            "its source (safetensors.torch.save_file)."
+        )
+    return f"{path}: not a safetensors file"
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (tensors, laionfilter metadata) from a safetensors file, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LaionfilterError(f"{path}: no such {what}" + (" (it is a folder)" if path.is_dir() else ""))
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 8:
+        raise LaionfilterError(f"{path}: {what} is empty or truncated")
+    header_len = int.from_bytes(head[:8], "little")
+    if head[8:9] != b"{" or header_len > path.stat().st_size:
+        raise LaionfilterError(_explain_not_safetensors(path, head))
+    try:
+        tensors = load_file(str(path))
+        with safe_open_meta(path) as meta:
+            raw = meta.get(META_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LaionfilterError(f"{path}: corrupt or truncated safetensors {what} ({e})") from None
+    try:
+        metadata = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise LaionfilterError(f"{path}: its laionfilter metadata is not valid JSON ({e})") from None
+    return tensors, metadata
+
+
+@contextlib.contextmanager
+def safe_open_meta(path: Path) -> Iterator[dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        yield f.metadata() or {}
+
+
+def read_metadata(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """The laionfilter metadata of a safetensors file, without loading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise LaionfilterError(f"{path}: no such {what}")
+    try:
+        with safe_open_meta(path) as meta:
+            raw = meta.get(META_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        msg = _explain_not_safetensors(path, head)
+        raise LaionfilterError(msg if "pickled" in msg else f"{path}: corrupt safetensors {what} ({e})") from None
+    return json.loads(raw) if raw else {}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise LaionfilterError(f"{path}: no such {what}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LaionfilterError(f"{path}: not valid JSON ({e})") from None
+
+
+def file_sha256(path: str | os.PathLike, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: equal weights give equal fingerprints."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,49 @@
+"""Reading the user's tables (CSV, TSV or Parquet) into pyarrow, with errors naming the file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from .errors import LaionfilterError
+
+
+def read_table(path: str | os.PathLike) -> pa.Table:
+    """A CSV (``.csv``), TSV (``.tsv``/``.tab``) or Parquet (``.parquet``/``.pq``) file as a table."""
+    path = Path(path)
+    if not path.exists():
+        raise LaionfilterError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq") or path.is_dir():
+            return pq.read_table(path)
+        if suffix in (".csv", ".tsv", ".tab", ".txt"):
+            delimiter = "\t" if suffix in (".tsv", ".tab") else ","
+            # Strings stay strings: a column of paths must never be parsed into numbers or dates.
+            return pacsv.read_csv(
+                path,
+                parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=False, auto_dict_encode=False),
+            )
+    except (pa.ArrowInvalid, OSError) as e:
+        raise LaionfilterError(f"{path}: cannot read it as a table ({e})") from None
+    raise LaionfilterError(f"{path}: unknown table format {suffix!r} (use .csv, .tsv or .parquet)")
+
+
+def require_columns(table: pa.Table, columns: list[str], path: str | os.PathLike) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise LaionfilterError(
+            f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+            f"it has {', '.join(repr(c) for c in table.column_names)}"
+        )
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """A path from a table: absolute, or relative to the table's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p

@@ -1,0 +1,27 @@
+import click
+from click.testing import CliRunner
+
+from laionfilter.cli import cli
+
+
+def _commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,), cmd
+
+
+def test_every_command_is_documented_with_an_example():
+    found = list(_commands(cli))
+    assert len(found) >= 4
+    for path, cmd in found:
+        r = CliRunner().invoke(cli, [*path, "--help"])
+        assert r.exit_code == 0, path
+        assert cmd.help and "Example:" in cmd.help and "laionfilter " + " ".join(path) in cmd.help, path
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    r = CliRunner().invoke(cli, ["finetune", str(tmp_path / "none.csv"), "--base", "lf-tiny-vit", "--out", str(tmp_path / "o.safetensors")])
+    assert r.exit_code == 1
+    assert r.output.strip().startswith("Error:") and "no such" in r.output and "Traceback" not in r.output

@@ -1,0 +1,66 @@
+import csv
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from laionfilter.finetune import StageConfig
+from laionfilter.safefiles import read_json
+from laionfilter.starter import (CRITERIA, PHOTOS, StarterConfig, build_starter, degrade, image_stats,
+                                 load_photo, load_starter_job, random_crop)
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_job_file_holds_the_built_in_settings():
+    assert load_starter_job(ROOT / "jobs" / "starter-bank.toml") == StarterConfig()
+
+
+def test_photo_splits_are_disjoint_and_load():
+    seen = [n for names in PHOTOS.values() for n in names]
+    assert len(seen) == len(set(seen))
+    assert {"motorcycle_left", "motorcycle_right"} <= set(PHOTOS["train"])  # a stereo pair stays on one side
+    for name in seen:
+        arr = load_photo(name)
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3 and min(arr.shape[:2]) >= 100
+
+
+@pytest.mark.parametrize("criterion", list(CRITERIA))
+def test_each_criterion_degrades_monotonically(criterion):
+    # More degradation moves the matching statistic one way, measured on a real photo crop.
+    import io
+
+    from PIL import Image
+
+    img = random_crop(load_photo("astronaut"), 64, np.random.default_rng(1))
+    index = {"sharpness": 6, "noise": 7, "exposure": 3, "colourfulness": 4, "contrast": 3, "jpeg": 10}[criterion]
+    sign = {"noise": 1, "jpeg": 1}.get(criterion, -1)
+    values = []
+    for u in (0.0, 0.5, 1.0):
+        data, _ = degrade(img, criterion, u, np.random.default_rng(2))
+        values.append(image_stats(Image.open(io.BytesIO(data)).convert("RGB"))[index] * sign)
+    assert values[0] < values[1] < values[2] or criterion == "jpeg" and values[0] < values[2]
+
+
+def test_small_starter_build(tmp_path):
+    cfg = replace(StarterConfig(), criteria=("noise", "colourfulness"), train_crops=64, val_crops=32,
+                  pretrain_steps=5, pretrain_images=64, head=StageConfig(4, 16, 1e-3, 1e-4),
+                  backbone=StageConfig(4, 16, 1e-4, 1e-5))
+    bank = build_starter(tmp_path / "bank", cfg, progress=False)
+    assert [t["name"] for t in bank.tasks] == ["noise", "colourfulness"]
+    assert bank.manifest["base"]["spec"].startswith("lf-tiny-vit:")
+    assert bank.tau[bank.layers[0]].dtype.is_floating_point and bank.manifest["dtype"] == "float16"
+    info = read_json(tmp_path / "bank" / "starter.json")
+    assert info["photos"]["eval"] == PHOTOS["eval"]
+    # The reserved evaluation photos never reach a database; grey photos never rate colourfulness.
+    for criterion in cfg.criteria:
+        with open(tmp_path / "bank.work" / "databases" / f"{criterion}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 96
+        photos = {r["photo"] for r in rows}
+        assert not photos & set(PHOTOS["eval"])
+        assert {r["photo"] for r in rows if r["split"] == "val"} <= set(PHOTOS["val"])
+        if criterion == "colourfulness":
+            assert not photos & {"camera", "moon", "grass", "text"}
