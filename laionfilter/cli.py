@@ -149,6 +149,120 @@ def bank_info_cmd(bank_path, as_json, plot):
         click.echo(f"\n  similarity plot: {plot}")
 
 
+def _bank_option(f):
+    return click.option("--bank", "bank_path", default="starter", envvar="LAIONFILTER_BANK",
+                        help="Bank folder, or 'starter' (built once into the cache). Env: LAIONFILTER_BANK.")(f)
+
+
+@cli.command()
+@click.argument("ratings", type=click.Path(exists=True, dir_okay=False))
+@_bank_option
+@click.option("--out", required=True, type=click.Path(),
+              help="Profile file, or a folder (one profile per user) when the ratings have a user column.")
+@click.option("--shards", help="WebDataset shards in which the ratings' image column names sample keys.")
+@click.option("--init", type=click.Choice(["adaptive", "uniform", "best-fit"]), default="adaptive",
+              help="Coefficient initialisation: softmax(SROCC/T), uniform (T→∞) or best task (T→0).")
+@click.option("--temperature", type=float, default=1.0, help="T of the adaptive initialisation.")
+@click.option("--loss", type=click.Choice(["bt", "mse"]), default="bt", help="Bradley–Terry rank loss or MSE.")
+@click.option("--layer-agnostic", is_flag=True, help="One coefficient per task instead of per task and layer.")
+@click.option("--steps", type=int, default=500)
+@click.option("--lr", type=float, default=1e-2, help="Start of the cosine schedule (ends at lr/10).")
+@click.option("--batch-size", type=int, default=32)
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, steps, lr, batch_size, seed, device):
+    """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
+
+    \b
+    Example:
+      laionfilter learn alice.csv --bank starter --out alice.profile
+    """
+    from .learn import LearnConfig
+    from .profile import learn_profiles, load_profile
+    from .starter import resolve_bank
+
+    cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, steps=steps,
+                      batch_size=batch_size, lr=lr, lr_end=lr / 10, seed=seed, device=device)
+    for path in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards):
+        m = load_profile(path).meta
+        click.echo(f"{path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "
+                   f"{m['support_srocc_after']:.3f} ({m['learn_seconds']:.0f} s)")
+
+
+@cli.command()
+@click.argument("profile_path", metavar="PROFILE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw the coefficients per layer and task to a PNG.")
+def inspect(profile_path, as_json, plot):
+    """Show a profile's coefficients per task, zero-shot SROCCs and support-set SROCC.
+
+    \b
+    Example:
+      laionfilter inspect alice.profile --plot alice.png
+    """
+    from .profile import load_profile, plot_coefficients, profile_summary
+
+    profile = load_profile(profile_path)
+    info = profile_summary(profile)
+    if plot:
+        plot_coefficients(profile, plot)
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"profile {info['name']!r} on bank {info['bank']['fingerprint'][:16]} ({info['bank']['path']})")
+    c = info["config"]
+    click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={c['temperature']}), loss {c['loss']}, "
+               f"{'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps, seed {c['seed']}")
+    w = max(len(t["name"]) for t in info["tasks"])
+    click.echo(f"\n  {'task':<{w}}  zero-shot SROCC  α init  α mean  α min..max")
+    for t in info["tasks"]:
+        click.echo(f"  {t['name']:<{w}}  {t['zero_shot_srocc']:15.3f}  {t['init_alpha']:6.3f}  {t['mean_alpha']:6.3f}  "
+                   f"{t['min_alpha']:.3f}..{t['max_alpha']:.3f}")
+    click.echo(f"\n  support-set SROCC: {info['support_srocc_before']:.3f} before, {info['support_srocc_after']:.3f} after learning")
+    if plot:
+        click.echo(f"  coefficient plot: {plot}")
+
+
+@cli.command()
+@click.argument("table", type=click.Path(exists=True, dir_okay=False))
+@_bank_option
+@click.option("--shots", default="10,100", help="Support-set sizes K, comma-separated.")
+@click.option("--trials", type=int, default=10, help="Random support/test splits per user and K.")
+@click.option("--steps", type=int, default=500, help="Learning steps of the learned methods.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default="auto")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every number to this JSON file.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Per-user results as a PNG.")
+def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plot):
+    """Evaluate personalisation on a table of user, image, score (the paper's protocol, section 4.4).
+
+    \b
+    Example:
+      laionfilter evaluate realcur.csv --bank bank/ --shots 10,100 --trials 10 --json results.json
+    """
+    from dataclasses import replace
+
+    from .evaluate import default_methods, evaluate as run, markdown_table, plot_per_user
+    from .learn import LearnConfig
+    from .safefiles import write_json
+    from .starter import resolve_bank
+
+    try:
+        ks = tuple(int(k) for k in shots.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{shots!r} is not a comma-separated list of integers", param_hint="--shots")
+    methods = default_methods(LearnConfig(steps=steps, device=device))
+    methods = {k: (replace(v, steps=0) if not isinstance(v, str) and "0 steps" in k else v) for k, v in methods.items()}
+    result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device)
+    click.echo(markdown_table(result))
+    if json_out:
+        write_json(json_out, result)
+        click.echo(f"\nevery number: {json_out}")
+    if plot:
+        plot_per_user(result, plot)
+        click.echo(f"per-user plot: {plot}")
+
+
 def main() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     cli()

@@ -114,6 +114,13 @@ def _contrast(img: Image.Image, u: float) -> Image.Image:
     return Image.fromarray(np.clip(a.mean() + (1 - 0.85 * u) * (a - a.mean()), 0, 255).astype(np.uint8))
 
 
+def _warmth(img: Image.Image, u: float) -> Image.Image:
+    # White balance from warm (red up, blue down by 35%) at u = 0 to cool at u = 1.
+    s = 0.35 * (1 - 2 * u)
+    a = np.asarray(img, dtype=np.float32) * np.array([1 + s, 1, 1 - s], dtype=np.float32)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
 def _jpeg_quality(u: float) -> int:
     return int(round(95 - 90 * u))  # 95 (clean) down to 5
 
@@ -150,6 +157,9 @@ CRITERIA = {
                                colour_only=True, min_saturation=0.15),
     "contrast": Criterion("contrast", "contrast scaled from 1 down to 0.15 around the mean; more contrast scores higher",
                           min_std=0.06),
+    "warmth": Criterion("warmth", "white balance from warm (R +35%, B −35%) to cool (R −35%, B +35%); warmer scores higher"),
+    # Learned only to SROCC 0.53 on validation photos by the tiny ViT at 64 px, so it is kept out of the
+    # starter bank; the personalisation benchmark uses it as a taste that no task covers.
     "jpeg": Criterion("jpeg", "JPEG compression at quality 95 down to 5; higher quality scores higher",
                       min_detail=0.04),
 }
@@ -172,7 +182,7 @@ def degrade(img: Image.Image, criterion: str, u: float, rng: np.random.Generator
         return buf.getvalue(), "jpg"
     out = {"sharpness": lambda: _blur(img, u), "noise": lambda: _noise(img, u, rng),
            "exposure": lambda: _exposure(img, u), "colourfulness": lambda: _colour(img, u),
-           "contrast": lambda: _contrast(img, u)}[criterion]()
+           "contrast": lambda: _contrast(img, u), "warmth": lambda: _warmth(img, u)}[criterion]()
     out.save(buf, format="PNG")
     return buf.getvalue(), "png"
 
@@ -186,13 +196,13 @@ class StarterConfig:
     """Settings of the starter bank (mirrored in jobs/starter-bank.toml; a test keeps them equal)."""
 
     arch: str = "lf-tiny-vit"
-    criteria: tuple[str, ...] = ("sharpness", "noise", "exposure", "colourfulness", "contrast", "jpeg")
-    train_crops: int = 800  # per database, from the train photos
+    criteria: tuple[str, ...] = ("sharpness", "noise", "exposure", "colourfulness", "contrast", "warmth")
+    train_crops: int = 2000  # per database, from the train photos
     val_crops: int = 200  # per database, from the val photos
-    pretrain_steps: int = 800
+    pretrain_steps: int = 600
     pretrain_batch_size: int = 64
     pretrain_lr: tuple[float, float] = (1e-3, 1e-5)
-    pretrain_images: int = 4000
+    pretrain_images: int = 3000
     head: StageConfig = field(default_factory=lambda: StageConfig(150, 64, 1e-3, 1e-4))
     backbone: StageConfig = field(default_factory=lambda: StageConfig(300, 32, 2e-4, 2e-5))
     seed: int = 0
@@ -278,7 +288,7 @@ def _pretrain_set(cfg: StarterConfig, size: int) -> tuple[list[Image.Image], np.
     for i in range(cfg.pretrain_images):
         img = random_crop(pics[names[i % len(names)]], size, rng)
         levels = []
-        for c in CRITERIA:
+        for c in cfg.criteria:
             if rng.random() < 0.4:
                 u = float(rng.uniform())
                 img = Image.open(io.BytesIO(degrade(img, c, u, rng)[0])).convert("RGB")

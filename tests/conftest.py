@@ -38,3 +38,28 @@ def tasks(tmp_path_factory, databases) -> list[Path]:
         finetune(quick_config(db, name), path, progress=False)
         out.append(path)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_bank(tasks, tmp_path_factory):
+    from laionfilter.bank import build_bank
+
+    return build_bank(tasks, tmp_path_factory.mktemp("small-bank") / "bank", dtype="float16")
+
+
+@pytest.fixture(scope="session")
+def ratings_csv(databases, tmp_path_factory) -> Path:
+    """24 real-photo crops rated by how sharp they are (relative paths, as a user would write them)."""
+    import csv
+    import shutil
+
+    root = tmp_path_factory.mktemp("ratings")
+    (root / "img").mkdir()
+    with open(databases["sharpness"]) as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"][:24]
+    lines = ["image,score"]
+    for i, r in enumerate(rows):
+        shutil.copy(databases["sharpness"].parent / r["image"], root / "img" / f"{i:02d}.png")
+        lines.append(f"img/{i:02d}.png,{round(float(r['score']))}")
+    (root / "ratings.csv").write_text("\n".join(lines) + "\n")
+    return root / "ratings.csv"

@@ -1,0 +1,147 @@
+"""The paper's evaluation protocol (section 4.4): per user, K support images, test on the rest.
+
+For each user and each K in ``shots``, ``trials`` random support sets are drawn (seeded; every method
+sees the same split), each method is fitted on the support set only, and its SROCC on the user's
+remaining images is recorded at the final step (never the best step on the test set). Reported per
+method and K: the mean over users of the test SROCC, and its standard deviation over trials.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .bank import Bank
+from .errors import LaionfilterError
+from .learn import LearnConfig, Merger, fit
+from .log import note
+from .metrics import srocc
+from .model import eval_transform, pick_device
+from .ratings import read_ratings
+
+ZERO_SHOT = "zero-shot ensemble"
+BEST_SINGLE = "best single task"
+
+
+def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
+    """Method name → a LearnConfig (learned coefficients) or a zero-shot baseline's name."""
+    return {
+        ZERO_SHOT: ZERO_SHOT,
+        BEST_SINGLE: BEST_SINGLE,
+        "merged at init (adaptive, 0 steps)": replace(base, init="adaptive", steps=0),
+        "learned, adaptive init": replace(base, init="adaptive"),
+        "learned, uniform init": replace(base, init="uniform"),
+        "learned, best-fit init": replace(base, init="best-fit"),
+        "layer-agnostic (adaptive)": replace(base, init="adaptive", layer_agnostic=True),
+        "MSE loss (adaptive)": replace(base, init="adaptive", loss="mse"),
+    }
+
+
+def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10, 100), trials: int = 10,
+             methods: dict[str, LearnConfig | str] | None = None, seed: int = 0, device: str = "auto",
+             progress: bool = True, min_test: int = 10) -> dict[str, Any]:
+    """Run the protocol; returns every number (per user, trial, K and method) plus the summary."""
+    dev = pick_device(device)
+    methods = methods or default_methods(LearnConfig(device=str(dev)))
+    supports = read_ratings(table, eval_transform(bank.architecture))
+    merger = Merger(bank, dev)
+    runs: list[dict[str, Any]] = []
+    total = sum(1 for s in supports for k in shots if len(s.scores) - k >= min_test) * trials * len(methods)
+    bar = tqdm(total=total, desc="evaluate", unit="fit", disable=not progress)
+    for u_index, sup in enumerate(supports):
+        task_preds = merger.task_predictions(sup.pixels)  # [n, N], shared by every split and method
+        n_img = len(sup.scores)
+        for k in shots:
+            if n_img - k < min_test:
+                note(f"user {sup.user!r}: {n_img} images, too few for {k} shots plus {min_test} test images; skipped")
+                continue
+            for trial in range(trials):
+                rng = np.random.default_rng([seed, u_index, k, trial])
+                perm = rng.permutation(n_img)
+                sup_idx, test_idx = np.sort(perm[:k]), np.sort(perm[k:])
+                y_sup, y_test = sup.scores[sup_idx], sup.scores[test_idx]
+                if len(set(y_sup.tolist())) < 2:
+                    note(f"user {sup.user!r} trial {trial}: {k} support images with a single score; skipped")
+                    bar.update(len(methods))
+                    continue
+                zs = [srocc(y_sup, p[sup_idx]) for p in task_preds]
+                trial_seed = int(rng.integers(2**31))  # one batch order for every method in this split
+                for name, method in methods.items():
+                    if method == ZERO_SHOT:
+                        pred = task_preds[:, test_idx].mean(axis=0)
+                    elif method == BEST_SINGLE:
+                        pred = task_preds[int(np.argmax(zs)), test_idx]
+                    else:
+                        r = fit(merger, sup.pixels[sup_idx], y_sup, replace(method, seed=trial_seed),
+                                task_preds=task_preds[:, sup_idx])
+                        pred = merger.predict(r["alpha"], sup.pixels[test_idx])
+                    runs.append({"user": sup.user, "shots": k, "trial": trial, "method": name,
+                                 "srocc": srocc(y_test, pred)})
+                    bar.update(1)
+    bar.close()
+    if not runs:
+        raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
+    return {"table": str(table), "bank": {"path": str(bank.path), "fingerprint": bank.fingerprint},
+            "shots": list(shots), "trials": trials, "seed": seed,
+            "methods": {k: (v if isinstance(v, str) else asdict(v)) for k, v in methods.items()},
+            "summary": summarise(runs), "runs": runs}
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and K: mean over users per trial, then mean and std of that over trials."""
+    out = []
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    for name in methods:
+        for k in sorted({r["shots"] for r in runs}):
+            rows = [r for r in runs if r["method"] == name and r["shots"] == k]
+            if not rows:
+                continue
+            per_trial = [np.mean([r["srocc"] for r in rows if r["trial"] == t]) for t in sorted({r["trial"] for r in rows})]
+            users = sorted({r["user"] for r in rows})
+            out.append({"method": name, "shots": k, "mean": float(np.mean(per_trial)),
+                        "std_over_trials": float(np.std(per_trial)), "users": len(users), "trials": len(per_trial),
+                        "per_user": {u: float(np.mean([r["srocc"] for r in rows if r["user"] == u])) for u in users}})
+    return out
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    shots = result["shots"]
+    head = "| method | " + " | ".join(f"{k}-shot SROCC" for k in shots) + " |"
+    lines = [head, "|---|" + "---|" * len(shots)]
+    for name in result["methods"]:
+        cells = []
+        for k in shots:
+            s = next((x for x in result["summary"] if x["method"] == name and x["shots"] == k), None)
+            cells.append(f"{s['mean']:.3f} ± {s['std_over_trials']:.3f}" if s else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_per_user(result: dict[str, Any], out: str | os.PathLike) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = result["shots"]
+    fig, axes = plt.subplots(1, len(shots), figsize=(7 * len(shots), 4.5), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        rows = [s for s in result["summary"] if s["shots"] == k]
+        users = sorted({u for s in rows for u in s["per_user"]})
+        width = 0.8 / max(1, len(rows))
+        for j, s in enumerate(rows):
+            ax.bar(np.arange(len(users)) + j * width, [s["per_user"].get(u, np.nan) for u in users], width, label=s["method"])
+        ax.set_xticks(np.arange(len(users)) + 0.4 - width / 2, users, rotation=45, ha="right")
+        ax.set_title(f"{k}-shot test SROCC per user")
+        ax.axhline(0, color="k", lw=0.5)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)

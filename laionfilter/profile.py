@@ -1,0 +1,145 @@
+"""A user's profile: the n × L coefficient matrix plus JSON metadata, in one safetensors file.
+
+A profile is only meaningful with the bank it was learned on: it records the bank's fingerprint, and
+every use of it checks that fingerprint first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .bank import Bank
+from .errors import LaionfilterError
+from .learn import LearnConfig, Merger, fit, learn_device
+from .log import note
+from .model import ScoreModel, eval_transform
+from .ratings import ratings_fingerprint, read_ratings
+from .safefiles import read_safetensors, write_safetensors
+from .tables import read_table
+
+PROFILE_FORMAT = "laionfilter.profile/1"
+
+
+@dataclass
+class Profile:
+    alpha: torch.Tensor  # [n, L]
+    meta: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_safetensors(path, {"alpha": self.alpha}, self.meta)
+
+    def check_bank(self, bank: Bank, source: str | os.PathLike = "profile") -> None:
+        if self.meta["bank"]["fingerprint"] != bank.fingerprint:
+            raise LaionfilterError(
+                f"{source}: profile {self.name!r} was learned on bank {self.meta['bank']['fingerprint'][:12]} "
+                f"({self.meta['bank'].get('path')}), not on {bank.path} ({bank.fingerprint[:12]})")
+
+    def model(self, bank: Bank) -> ScoreModel:
+        """The merged model θ_pre + Σ α τ as an ordinary module in eval mode."""
+        self.check_bank(bank)
+        return bank.model(bank.merged_state(self.alpha))
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    tensors, meta = read_safetensors(path, what="profile")
+    if meta.get("format") != PROFILE_FORMAT or "alpha" not in tensors:
+        raise LaionfilterError(f"{path}: not a laionfilter profile")
+    alpha = tensors["alpha"]
+    want = (len(meta["tasks"]), meta["layers"])
+    if tuple(alpha.shape) != want:
+        raise LaionfilterError(f"{path}: coefficients have shape {tuple(alpha.shape)}, its metadata says {want}")
+    return Profile(alpha.float(), meta)
+
+
+def _safe_name(user: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", user).strip("._")
+    return name or "user"
+
+
+def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLike, cfg: LearnConfig = LearnConfig(),
+                   shards: str | None = None, progress: bool = True, name: str | None = None) -> list[Path]:
+    """Learn one profile per user in the ratings file; ``out`` is a file, or a folder for several users."""
+    out = Path(out)
+    arch = bank.architecture
+    supports = read_ratings(ratings, eval_transform(arch), shards=shards, default_user=name or out.stem)
+    multi = "user" in read_table(ratings).column_names  # one profile per user, in a folder
+    if multi:
+        out.mkdir(parents=True, exist_ok=True)
+    merger = Merger(bank, learn_device(cfg))
+    written = []
+    fingerprint = ratings_fingerprint(ratings)
+    for sup in supports:
+        if len(sup.scores) < 10:
+            note(f"user {sup.user!r}: {len(sup.scores)} images; the method is meant for 10 or more")
+        result = fit(merger, sup.pixels, sup.scores, cfg, progress=progress, desc=f"learn {sup.user}")
+        meta = {
+            "format": PROFILE_FORMAT,
+            "laionfilter_version": __version__,
+            "name": sup.user,
+            "bank": {"fingerprint": bank.fingerprint, "path": str(bank.path),
+                     "architecture": bank.manifest["architecture"]["name"]},
+            "tasks": [t["name"] for t in bank.tasks],
+            "layers": len(bank.layers),
+            "config": cfg.to_json(),
+            "init": {"method": cfg.init, "temperature": cfg.temperature,
+                     "alpha_per_task": result["alpha_init"][:, 0].tolist()},
+            "zero_shot_srocc": dict(zip([t["name"] for t in bank.tasks], result["zero_shot_srocc"])),
+            "support_srocc_before": result["support_srocc_before"],
+            "support_srocc_after": result["support_srocc_after"],
+            "loss_curve": result["loss_curve"],
+            "seed": cfg.seed,
+            "ratings": {"path": str(ratings), "sha256": fingerprint, "images": len(sup.scores),
+                        "score_min": float(np.min(sup.scores)), "score_max": float(np.max(sup.scores))},
+            "learn_seconds": result["seconds"],
+        }
+        path = out / f"{_safe_name(sup.user)}.profile" if multi else out
+        written.append(Profile(result["alpha"], meta).save(path))
+    return written
+
+
+def profile_summary(profile: Profile) -> dict[str, Any]:
+    """What ``inspect`` shows, as plain data."""
+    m = profile.meta
+    return {
+        "name": profile.name,
+        "bank": m["bank"],
+        "tasks": [{"name": t, "mean_alpha": float(profile.alpha[i].mean()), "min_alpha": float(profile.alpha[i].min()),
+                   "max_alpha": float(profile.alpha[i].max()), "init_alpha": m["init"]["alpha_per_task"][i],
+                   "zero_shot_srocc": m["zero_shot_srocc"][t]} for i, t in enumerate(m["tasks"])],
+        "support_srocc_before": m["support_srocc_before"],
+        "support_srocc_after": m["support_srocc_after"],
+        "config": m["config"],
+        "ratings": m["ratings"],
+        "loss_curve": {k: v for k, v in m["loss_curve"].items() if k != "values"},
+    }
+
+
+def plot_coefficients(profile: Profile, out: str | os.PathLike, layer_names: list[str] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = profile.alpha.numpy()
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(a)))
+    im = ax.imshow(a, aspect="auto", cmap="coolwarm", vmin=min(a.min(), -abs(a).max()), vmax=abs(a).max())
+    ax.set_yticks(range(len(a)), profile.meta["tasks"])
+    ax.set_xlabel("layer (parameter tensor, in model order)")
+    ax.set_title(f"coefficients α of profile {profile.name!r}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,161 @@
+"""A user's few-shot ratings: CSV, TSV or Parquet with ``image`` and ``score`` (and optionally ``user``).
+
+``image`` is a path (absolute, or relative to the ratings file) or, with ``shards``, a sample key in
+those WebDataset shards. Every problem is collected and reported at once, by row number, before anything
+is learned: a file that fails validation teaches nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import LaionfilterError
+from .images import ImageDecodeError, open_rgb
+from .log import note
+from .safefiles import file_sha256
+from .tables import read_table, require_columns, resolve_path
+
+MAX_LISTED = 30
+
+
+@dataclass
+class Support:
+    """One user's support set, decoded and preprocessed once."""
+
+    user: str
+    images: list[str]  # resolved path or shard key, one per distinct image
+    scores: np.ndarray  # float64, mean over duplicate rows
+    pixels: torch.Tensor  # [N, 3, H, W], the bank's eval transform applied
+    rows: list[list[int]]  # file row numbers behind each image
+
+
+def _report(path, problems: list[str]) -> None:
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise LaionfilterError(f"{path}: {len(problems)} problem(s); nothing was learned:\n  "
+                               + "\n  ".join(problems[:MAX_LISTED]) + more)
+
+
+def _shard_images(shards: str, keys: set[str]) -> dict[str, bytes]:
+    """Image bytes for the wanted keys, reading each shard once."""
+    import webdataset as wds
+
+    from .shards import expand_shards
+    from .databases import IMAGE_EXTS
+
+    found: dict[str, bytes] = {}
+    for sample in wds.WebDataset(expand_shards(shards), shardshuffle=False, empty_check=False, nodesplitter=None):
+        key = sample["__key__"]
+        if key in keys and key not in found:
+            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+            if data is not None:
+                found[key] = data
+    return found
+
+
+def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | None = None,
+                 default_user: str | None = None) -> list[Support]:
+    """Validate a ratings file and return one preprocessed support set per user."""
+    path = Path(path)
+    table = read_table(path)
+    require_columns(table, ["image", "score"], path)
+    n = table.num_rows
+    if n == 0:
+        raise LaionfilterError(f"{path}: no rows")
+    images = table.column("image").to_pylist()
+    raw_scores = table.column("score").to_pylist()
+    users = [str(u) if u is not None else "" for u in table.column("user").to_pylist()] if "user" in table.column_names \
+        else [default_user or path.stem] * n
+    problems: list[str] = []
+    scores = np.full(n, np.nan)
+    for i, s in enumerate(raw_scores):
+        row = i + 2  # row 1 is the header (for Parquet: the same numbering, 1-based plus header)
+        try:
+            v = float(s)
+        except (TypeError, ValueError):
+            problems.append(f"row {row}: score {s!r} is not a number")
+            continue
+        if not math.isfinite(v):
+            problems.append(f"row {row}: score is {s!r}")
+            continue
+        scores[i] = v
+    for i, u in enumerate(users):
+        if not u:
+            problems.append(f"row {i + 2}: user is empty")
+
+    refs: list[str | None] = [None] * n
+    sources: dict[str, bytes | Path] = {}
+    if shards:
+        wanted = {str(v) for v in images if v is not None}
+        found = _shard_images(shards, wanted)
+        for i, v in enumerate(images):
+            if v is None or str(v) not in found:
+                problems.append(f"row {i + 2}: sample key {v!r} not found in {shards}")
+            else:
+                refs[i] = str(v)
+                sources[str(v)] = found[str(v)]
+    else:
+        for i, v in enumerate(images):
+            if v is None or str(v) == "":
+                problems.append(f"row {i + 2}: image is empty")
+                continue
+            p = resolve_path(str(v), path.parent)
+            if not p.is_file():
+                problems.append(f"row {i + 2}: image {v!r} not found (looked for {p})")
+                continue
+            refs[i] = str(p.resolve())
+            sources[refs[i]] = p
+
+    pixels: dict[str, torch.Tensor] = {}
+    first_row = {}
+    for i, r in enumerate(refs):
+        if r is not None and r not in pixels and r not in first_row:
+            first_row[r] = i
+            try:
+                pixels[r] = transform(open_rgb(sources[r]))
+            except ImageDecodeError as e:
+                problems.append(f"row {i + 2}: image {images[i]!r} is unreadable ({e.kind}: {e})")
+    for i, r in enumerate(refs):
+        if r is not None and r not in pixels and first_row.get(r) != i:
+            problems.append(f"row {i + 2}: image {images[i]!r} is unreadable (see row {first_row[r] + 2})")
+
+    by_user: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, (u, r) in enumerate(zip(users, refs)):
+        if u and r is not None and r in pixels and not math.isnan(scores[i]):
+            by_user[u][r].append(i)
+    for u in dict.fromkeys(users):
+        if not u:
+            continue
+        distinct = {scores[i] for rows in by_user.get(u, {}).values() for i in rows}
+        if len(distinct) < 2:
+            rows = [i + 2 for i, x in enumerate(users) if x == u]
+            shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+            problems.append(f"user {u!r} (rows {shown}): fewer than two distinct valid scores; nothing to rank")
+    _report(path, problems)
+
+    out = []
+    for u, per_image in by_user.items():
+        dups = {r: rows for r, rows in per_image.items() if len(rows) > 1}
+        for r, rows in dups.items():
+            note(f"{path}: rows {', '.join(str(i + 2) for i in rows)} rate the same image {images[rows[0]]!r}"
+                 f"{f' for user {u!r}' if 'user' in table.column_names else ''}; using their mean score")
+        keys = list(per_image)
+        out.append(Support(
+            user=u, images=keys,
+            scores=np.array([np.mean([scores[i] for i in per_image[k]]) for k in keys]),
+            pixels=torch.stack([pixels[k] for k in keys]),
+            rows=[[i + 2 for i in per_image[k]] for k in keys],
+        ))
+    return out
+
+
+def ratings_fingerprint(path: str | os.PathLike) -> str:
+    return file_sha256(path).hexdigest()

@@ -1,0 +1,187 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from laionfilter.cli import cli
+from laionfilter.errors import LaionfilterError
+from laionfilter.learn import LearnConfig, Merger, bradley_terry_loss, fit, init_coefficients
+from laionfilter.merge import merge_weights
+from laionfilter.model import eval_transform
+from laionfilter.profile import learn_profiles, load_profile
+from laionfilter.ratings import read_ratings
+
+
+def test_merged_weights_are_eq2_exactly():
+    pre = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([[0.5]])}
+    tau = {"a": torch.tensor([[0.25, 0.5], [-1.0, 2.0]], dtype=torch.float16), "b": torch.tensor([[[4.0]], [[-8.0]]])}
+    alpha = torch.tensor([[0.5, 0.25], [0.125, -1.0]])  # α_i^l: rows are tasks, columns layers
+    out = merge_weights(pre, tau, ["a", "b"], alpha)
+    assert torch.equal(out["a"], torch.tensor([1.0 + 0.5 * 0.25 + 0.125 * -1.0, -2.0 + 0.5 * 0.5 + 0.125 * 2.0]))
+    assert torch.equal(out["b"], torch.tensor([[0.5 + 0.25 * 4.0 + -1.0 * -8.0]]))
+    agnostic = merge_weights(pre, tau, ["a", "b"], torch.tensor([1.0, 0.5]))
+    assert torch.equal(agnostic["b"], torch.tensor([[0.5 + 4.0 - 4.0]]))
+    with pytest.raises(LaionfilterError, match="shape"):
+        merge_weights(pre, tau, ["a", "b"], torch.ones(3, 2))
+
+
+def test_merged_weights_on_a_real_bank(small_bank):
+    g = torch.Generator().manual_seed(0)
+    alpha = torch.rand(small_bank.n, len(small_bank.layers), generator=g)
+    merged = small_bank.merged_state(alpha)
+    for l, name in enumerate(small_bank.layers):
+        expect = small_bank.pre[name].double() + sum(alpha[i, l].double() * small_bank.tau[name][i].double()
+                                                     for i in range(small_bank.n))
+        torch.testing.assert_close(merged[name].double(), expect, rtol=1e-6, atol=1e-7)
+
+
+def test_initialisation_is_eq6_and_tends_to_uniform_and_best_fit():
+    s = [0.1, 0.5, -0.2, 0.45]
+    for T in (1.0, 0.3):
+        a = init_coefficients(s, 7, "adaptive", T)
+        expect = torch.tensor([math.exp(x / T) for x in s]) / sum(math.exp(x / T) for x in s)
+        assert a.shape == (4, 7)
+        for l in range(7):
+            torch.testing.assert_close(a[:, l], expect.float())
+    torch.testing.assert_close(init_coefficients(s, 3, "adaptive", 1e4), init_coefficients(s, 3, "uniform"), atol=1e-4, rtol=0)
+    torch.testing.assert_close(init_coefficients(s, 3, "adaptive", 1e-3), init_coefficients(s, 3, "best-fit"), atol=1e-6, rtol=0)
+    assert init_coefficients(s, 1, "best-fit")[:, 0].tolist() == [0, 1, 0, 0]
+    assert init_coefficients(s, 1, "uniform")[:, 0].tolist() == [0.25] * 4
+
+
+def test_bradley_terry_loss_by_hand():
+    pred = torch.tensor([2.0, 1.0, 0.5])
+    y = torch.tensor([3.0, 1.0, 1.0])  # pairs (0,1) and (0,2); the tie (1,2) is skipped
+    expect = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(-1.5))) / 2
+    assert bradley_terry_loss(pred, y).item() == pytest.approx(expect)
+    assert bradley_terry_loss(pred, torch.tensor([1.0, 1.0, 1.0])) is None
+    # −log(e^ŷ1 / (e^ŷ1 + e^ŷ2)) form of eq. 3
+    assert bradley_terry_loss(torch.tensor([0.3, 0.9]), torch.tensor([2.0, 1.0])).item() == pytest.approx(
+        -math.log(math.exp(0.3) / (math.exp(0.3) + math.exp(0.9))))
+
+
+def test_gradients_reach_only_the_coefficients(small_bank):
+    merger = Merger(small_bank, torch.device("cpu"))
+    alpha = torch.nn.Parameter(torch.full((small_bank.n, len(small_bank.layers)), 1 / 3))
+    x = torch.randn(6, 3, 64, 64)
+    pred = merger.forward(merger.state(alpha), x)
+    bradley_terry_loss(pred, torch.arange(6.0)).backward()
+    assert alpha.grad is not None and alpha.grad.abs().sum() > 0
+    assert alpha.grad[:, -1].abs().sum() > 0  # the last head layer gets its own gradient
+    assert all(p.grad is None and not p.requires_grad for p in merger.model.parameters())
+    assert all(not t.requires_grad for t in list(merger.pre.values()) + list(merger.tau.values()))
+    assert not merger.model.training  # eval mode: dropout off
+
+
+def test_same_seed_same_profile_and_learning_helps(small_bank, ratings_csv, tmp_path):
+    cfg = LearnConfig(steps=20, device="cpu")
+    a = load_profile(learn_profiles(ratings_csv, small_bank, tmp_path / "a.profile", cfg, progress=False)[0])
+    b = load_profile(learn_profiles(ratings_csv, small_bank, tmp_path / "b.profile", cfg, progress=False)[0])
+    assert torch.equal(a.alpha, b.alpha)
+    c = load_profile(learn_profiles(ratings_csv, small_bank, tmp_path / "c.profile",
+                                    LearnConfig(steps=20, device="cpu", seed=1), progress=False)[0])
+    assert not torch.equal(a.alpha, c.alpha)
+    m = a.meta
+    assert m["bank"]["fingerprint"] == small_bank.fingerprint and m["layers"] == 60 and len(m["tasks"]) == 3
+    assert -1 <= m["support_srocc_before"] <= 1 and -1 <= m["support_srocc_after"] <= 1
+    curve = m["loss_curve"]["values"]
+    assert np.mean(curve[-3:]) < np.mean(curve[:3])  # the rank loss goes down on the support set
+    assert m["ratings"]["images"] == 24 and len(m["ratings"]["sha256"]) == 64
+
+
+def test_layer_agnostic_keeps_one_coefficient_per_task(small_bank, ratings_csv):
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture))[0]
+    r = fit(Merger(small_bank, torch.device("cpu")), sup.pixels, sup.scores, LearnConfig(steps=5, layer_agnostic=True))
+    assert r["alpha"].shape == (3, 60)
+    assert torch.equal(r["alpha"], r["alpha"][:, :1].expand(3, 60))
+
+
+def test_profile_model_is_the_merged_module_and_refuses_another_bank(small_bank, ratings_csv, tmp_path, tasks):
+    from laionfilter.bank import build_bank
+
+    p = load_profile(learn_profiles(ratings_csv, small_bank, tmp_path / "p.profile", LearnConfig(steps=3), progress=False)[0])
+    model = p.model(small_bank)
+    assert isinstance(model, torch.nn.Module) and not model.training
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        direct = Merger(small_bank, torch.device("cpu")).predict(p.alpha, x)
+        np.testing.assert_allclose(model(x).numpy(), direct, rtol=1e-5, atol=1e-5)
+    other = build_bank(tasks[:2], tmp_path / "other")
+    with pytest.raises(LaionfilterError, match="was learned on bank"):
+        p.model(other)
+
+
+def _write(tmp_path, text, name="r.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _problems(path, bank):
+    with pytest.raises(LaionfilterError) as e:
+        read_ratings(path, eval_transform(bank.architecture))
+    return str(e.value)
+
+
+def test_missing_column(tmp_path, small_bank):
+    assert "missing column(s) 'score'" in _problems(_write(tmp_path, "image,rating\na.png,3\n"), small_bank)
+
+
+def test_every_bad_row_is_named_at_once(tmp_path, small_bank, ratings_csv):
+    import shutil
+
+    shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    msg = _problems(_write(tmp_path, "image,score\nimg/00.png,5\nimg/01.png,abc\nimg/02.png,nan\n"
+                                     "img/nope.png,4\nimg/broken.jpg,3\nimg/03.png,\n"), small_bank)
+    assert "row 3: score 'abc' is not a number" in msg
+    assert "row 4: score" in msg and "nan" in msg.lower()
+    assert "row 5: image 'img/nope.png' not found" in msg
+    assert "row 6: image 'img/broken.jpg' is unreadable" in msg
+    assert "row 7: score" in msg
+    assert "nothing was learned" in msg
+
+
+def test_user_without_two_distinct_scores(tmp_path, small_bank, ratings_csv):
+    import shutil
+
+    shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
+    msg = _problems(_write(tmp_path, "user,image,score\nann,img/00.png,5\nann,img/01.png,3\n"
+                                     "bob,img/02.png,4\nbob,img/03.png,4\n"), small_bank)
+    assert "user 'bob' (rows 4, 5): fewer than two distinct" in msg and "'ann'" not in msg
+
+
+def test_duplicates_are_merged_by_mean_with_a_warning(tmp_path, small_bank, ratings_csv, capsys):
+    import shutil
+
+    shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
+    path = _write(tmp_path, "image,score\nimg/00.png,2\nimg/01.png,5\nimg/00.png,4\n")
+    sup = read_ratings(path, eval_transform(small_bank.architecture))[0]
+    assert len(sup.images) == 2 and sorted(sup.scores.tolist()) == [3.0, 5.0]
+    assert "rows 2, 4 rate the same image" in capsys.readouterr().err
+
+
+def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
+    import shutil
+
+    shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
+    lines = ratings_csv.read_text().splitlines()[1:]
+    body = [f"{'ann' if i % 2 else 'bob o/k'},{line.split(',')[0]},{line.split(',')[1] if i % 2 else 10 - int(line.split(',')[1])}"
+            for i, line in enumerate(lines)]
+    ratings = _write(tmp_path, "user,image,score\n" + "\n".join(body) + "\n", "users.tsv".replace("tsv", "csv"))
+    runner = CliRunner()
+    r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / "profiles"),
+                            "--steps", "5", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == ["ann.profile", "bob_o_k.profile"]
+    r = runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile"), "--plot", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    for t in ("sharpness", "noise", "colourfulness", "zero-shot SROCC", "support-set SROCC"):
+        assert t in r.output
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    import json
+
+    info = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile"), "--json"]).output)
+    assert len(info["tasks"]) == 3 and info["name"] == "ann"
