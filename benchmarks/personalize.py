@@ -23,14 +23,15 @@ import numpy as np
 from laionfilter.evaluate import default_methods, evaluate, markdown_table, plot_per_user
 from laionfilter.learn import LearnConfig
 from laionfilter.safefiles import write_json
-from laionfilter.starter import CRITERIA, PHOTOS, degrade, load_photo, random_crop, resolve_bank
+from laionfilter.starter import GREY, PHOTOS, degrade, load_photo, random_crop, resolve_bank
 
 COVERED = ["sharpness", "noise", "exposure", "colourfulness", "contrast", "warmth"]
 
 
 def simulate_users(out: Path, users: int, images: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
-    photos = {n: load_photo(n) for n in PHOTOS["eval"]}
+    # Colour photos only: on a grey photo a colourfulness taste would rate an invisible change.
+    photos = {n: load_photo(n) for n in PHOTOS["eval"] if n not in GREY}
     names = list(photos)
     rows = ["user,image,score"]
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -69,14 +70,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bank", default="starter")
-    ap.add_argument("--methods", default="", help="comma-separated subset of method names (default: all)")
+    ap.add_argument("--methods", default="", help="semicolon-separated subset of method names (default: all)")
+    ap.add_argument("--anchors", default="", help="extra anchored variants to compare, e.g. 0.3,3")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/personalize"))
     args = ap.parse_args()
     bank = resolve_bank(args.bank)
     table = simulate_users(args.out / "data", args.users, args.images, args.seed)
     methods = default_methods(LearnConfig(steps=args.steps, device="cpu"))
+    for a in filter(None, args.anchors.split(",")):
+        methods[f"anchored (adaptive, anchor {a})"] = LearnConfig(steps=args.steps, device="cpu", anchor=float(a))
     if args.methods:
-        keep = [m.strip() for m in args.methods.split(",")]
+        keep = [m.strip() for m in args.methods.split(";")]
         methods = {k: v for k, v in methods.items() if k in keep}
     started = time.time()
     result = evaluate(table, bank, tuple(int(k) for k in args.shots.split(",")), args.trials, methods,

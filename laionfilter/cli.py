@@ -263,6 +263,42 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
         click.echo(f"per-user plot: {plot}")
 
 
+@cli.command()
+@click.argument("shards")
+@click.option("--profile", "profiles", multiple=True, required=True, type=click.Path(exists=True),
+              help="A profile file, or a folder of them; repeat for several users in one pass.")
+@click.option("--bank", "bank_path", envvar="LAIONFILTER_BANK", help="Bank folder or 'starter' (default: the profiles' own).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Scores folder (Parquet dataset).")
+@click.option("--batch-size", type=int, default=256)
+@click.option("--workers", type=int, default=4, help="DataLoader worker processes reading and decoding.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the merged models.")
+@click.option("--overwrite", is_flag=True, help="Redo shards already done (and replace another run's manifest).")
+@click.option("--rank", type=int, help="This process's share of the shards (default: $RANK or 0).")
+@click.option("--world-size", type=int, help="Number of processes sharing the shards (default: $WORLD_SIZE or 1).")
+def score(shards, profiles, bank_path, out, batch_size, workers, device, compile_, overwrite, rank, world_size):
+    """Score WebDataset shards with one or more profiles into a resumable Parquet folder.
+
+    SHARDS is a folder of .tar files, a glob, a brace pattern (shards/{00000..00099}.tar), a text
+    file listing shards, or pipe: URLs. A rerun skips shards already done.
+
+    \b
+    Example:
+      laionfilter score shards/ --profile alice.profile --profile bob.profile --out scores.parquet
+    """
+    from .score import ScoreConfig, score_shards
+
+    cfg = ScoreConfig(batch_size=batch_size, workers=workers, device=device, compile=compile_, overwrite=overwrite,
+                      rank=rank, world_size=world_size)
+    s = score_shards(shards, list(profiles), out, bank=bank_path, cfg=cfg)
+    click.echo(f"{out}: {s['done']} shard(s) done, {s['failed']} failed, {s['skipped']} skipped as already done; "
+               f"{s['scored']} images scored, {s['failed_samples']} not scored; {s['images_per_second']} images/s")
+    for f in s["failed_shards"]:
+        click.echo(f"  failed: {f['shard']}: {f['error']}", err=True)
+    if s["failed"] or s["failed_samples"]:
+        raise SystemExit(1)
+
+
 def main() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     cli()

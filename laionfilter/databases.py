@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from .errors import LaionfilterError
-from .images import ImageDecodeError, open_rgb
+from .images import ImageDecodeError
 from .tables import read_table, require_columns, resolve_path
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -66,10 +66,10 @@ class TableDatabase(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = open_rgb(self.paths[i])
+            pixels = self.transform(self.paths[i])
         except ImageDecodeError as e:
             raise LaionfilterError(f"{self.paths[i]}: cannot decode image ({e.kind}: {e})") from None
-        return self.transform(img), torch.tensor(self.scores[i])
+        return pixels, torch.tensor(self.scores[i])
 
 
 def open_table_database(path, transform, template, *, image_column="image", score_column="score",
@@ -144,10 +144,10 @@ class ShardDatabase(IterableDataset):
                 raise LaionfilterError(f"{where}: json has no {self.score_key!r}")
             score = _check_scores(np.array([float(meta[self.score_key])]), where, self.template, self.raw_range)[0]
             try:
-                img = open_rgb(data)
+                pixels = self.transform(data)
             except ImageDecodeError as e:
                 raise LaionfilterError(f"{where}: cannot decode image ({e.kind}: {e})") from None
-            yield self.transform(img), torch.tensor(score, dtype=torch.float32)
+            yield pixels, torch.tensor(score, dtype=torch.float32)
 
 
 def open_database(database: str, transform, template, *, image_column="image", score_column="score",

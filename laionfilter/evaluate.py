@@ -40,6 +40,7 @@ def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
         "learned, best-fit init": replace(base, init="best-fit"),
         "layer-agnostic (adaptive)": replace(base, init="adaptive", layer_agnostic=True),
         "MSE loss (adaptive)": replace(base, init="adaptive", loss="mse"),
+        "anchored (adaptive, anchor 1)": replace(base, init="adaptive", anchor=1.0),
     }
 
 

@@ -45,6 +45,9 @@ class LearnConfig:
     lr_end: float = 1e-3
     seed: int = 0
     device: str = "auto"
+    # Beyond the paper: a penalty anchor · Σ_i mean_l (α_i^l − α_i^l(0))² keeping the coefficients near
+    # their start, against overfitting tiny support sets. 0 is the paper's recipe.
+    anchor: float = 0.0
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -55,6 +58,8 @@ class LearnConfig:
             raise LaionfilterError("temperature must be positive")
         if self.steps < 0 or self.batch_size < 2:
             raise LaionfilterError("steps must be ≥ 0 and batch size ≥ 2")
+        if self.anchor < 0:
+            raise LaionfilterError("anchor must be ≥ 0")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,6 +139,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConf
     if cfg.layer_agnostic:
         alpha0 = alpha0[:, 0].clone()
     alpha = torch.nn.Parameter(alpha0.to(device))
+    start = alpha0.to(device)
     opt = torch.optim.Adam([alpha], lr=cfg.lr, weight_decay=0.0)
     x_all = pixels.to(device)
     y_raw = torch.as_tensor(scores, dtype=torch.float32, device=device)
@@ -154,6 +160,8 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConf
         loss = bradley_terry_loss(pred, y_raw[idx]) if cfg.loss == "bt" else mse_loss(pred, y_mse[idx], hi - lo)
         if loss is None:  # every image in this batch has the same score: no pair to learn from
             continue
+        if cfg.anchor:
+            loss = loss + cfg.anchor * ((alpha - start) ** 2).sum(0).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

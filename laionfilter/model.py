@@ -242,11 +242,13 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def eval_transform(arch: Architecture):
-    """open_clip's deterministic eval transform (resize, centre crop, normalise) for this model."""
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in arch.preprocess.items()}
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+    """The model's eval preprocessing: open_clip's (resize, centre crop, normalise), on tensors.
 
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    Takes encoded bytes, a path, a PIL image or a uint8 tensor; see ``images.Preprocessor``.
+    """
+    from .images import Preprocessor
+
+    return Preprocessor(arch.preprocess)
 
 
 def pick_device(name: str = "auto") -> torch.device:

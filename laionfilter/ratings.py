@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import LaionfilterError
-from .images import ImageDecodeError, open_rgb
+from .images import ImageDecodeError
 from .log import note
 from .safefiles import file_sha256
 from .tables import read_table, require_columns, resolve_path
@@ -120,7 +120,7 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
         if r is not None and r not in pixels and r not in first_row:
             first_row[r] = i
             try:
-                pixels[r] = transform(open_rgb(sources[r]))
+                pixels[r] = transform(sources[r])
             except ImageDecodeError as e:
                 problems.append(f"row {i + 2}: image {images[i]!r} is unreadable ({e.kind}: {e})")
     for i, r in enumerate(refs):

@@ -23,7 +23,7 @@ def databases(tmp_path_factory) -> dict[str, Path]:
 
 def quick_config(database: Path, name: str, **kw) -> FinetuneConfig:
     base = dict(database=str(database), base=TINY, name=name, device="cpu", workers=0, checkpoint_every=0,
-                head=StageConfig(12, 32, 2e-3, 2e-4), backbone=StageConfig(12, 16, 5e-4, 5e-5), val_batch_size=64)
+                head=StageConfig(20, 32, 3e-3, 3e-4), backbone=StageConfig(20, 16, 1e-3, 1e-4), val_batch_size=64)
     base.update(kw)
     return FinetuneConfig(**base)
 

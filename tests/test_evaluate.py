@@ -29,11 +29,25 @@ def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
     result = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False)
     runs = result["runs"]
     assert {r["user"] for r in runs} == {"ann", "bob"} and len(runs) == 2 * 2 * 3
-    # The zero-shot ensemble ranks the two opposite users' test images in exactly opposite ways.
-    for t in range(2):
-        ann = next(r for r in runs if r["user"] == "ann" and r["trial"] == t and r["method"] == ZERO_SHOT)
-        bob = next(r for r in runs if r["user"] == "bob" and r["trial"] == t and r["method"] == ZERO_SHOT)
-        assert ann["srocc"] == pytest.approx(-bob["srocc"], abs=1e-9)
+    # Recompute the zero-shot ensemble and the best single task by hand on the documented split
+    # (seeded by seed, user index, K and trial).
+    import numpy as np
+
+    from laionfilter.learn import Merger
+    from laionfilter.model import eval_transform
+    from laionfilter.ratings import read_ratings
+
+    sups = read_ratings(users_table, eval_transform(small_bank.architecture))
+    merger = Merger(small_bank, __import__("torch").device("cpu"))
+    for u, sup in enumerate(sups):
+        preds = merger.task_predictions(sup.pixels)
+        for t in range(2):
+            perm = np.random.default_rng([0, u, 5, t]).permutation(len(sup.scores))
+            s_idx, t_idx = np.sort(perm[:5]), np.sort(perm[5:])
+            got = {r["method"]: r["srocc"] for r in runs if r["user"] == sup.user and r["trial"] == t}
+            assert got[ZERO_SHOT] == pytest.approx(srocc(sup.scores[t_idx], preds[:, t_idx].mean(0)), abs=1e-6)
+            best = int(np.argmax([srocc(sup.scores[s_idx], p[s_idx]) for p in preds]))
+            assert got[BEST_SINGLE] == pytest.approx(srocc(sup.scores[t_idx], preds[best, t_idx]), abs=1e-6)
     table = markdown_table(result)
     assert "| zero-shot ensemble |" in table and "5-shot SROCC" in table
     again = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False)

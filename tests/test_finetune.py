@@ -12,9 +12,9 @@ from .conftest import quick_config
 
 
 def test_finetuning_lowers_the_validation_loss(tasks):
-    _, meta = read_safetensors(tasks[0])
+    _, meta = read_safetensors(tasks[2])  # colourfulness: learnable in 40 steps from a random base
     m = meta["metrics"]
-    assert m["val_loss"] < m["val_loss_before"]
+    assert m["val_loss"] < 0.8 * m["val_loss_before"] and m["val_srocc"] > 0.5
     assert m["n_val"] == 48
     assert meta["format"] == "laionfilter.task/1" and meta["base"]["spec"] == "lf-tiny-vit"
     assert len(meta["layers"]) == 60  # 56 tower tensors (6 + 4 blocks × 12 + 2) + 4 head tensors
@@ -33,7 +33,7 @@ def test_head_stage_leaves_the_backbone_untouched(databases, tmp_path):
 
 
 def test_interrupted_finetune_resumes_from_its_checkpoint(databases, tmp_path, monkeypatch, capsys):
-    cfg = quick_config(databases["sharpness"], "sharp", checkpoint_every=5)
+    cfg = quick_config(databases["colourfulness"], "sharp", checkpoint_every=5)
     out = tmp_path / "sharp.safetensors"
     real_save = ft_module._save_checkpoint
     saved = []
@@ -54,6 +54,7 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(databases, tmp_path, m
     meta = finetune(cfg, out, progress=True)
     assert "resuming sharp" in capsys.readouterr().err
     assert saved[0] == ("backbone", 10)  # went on from step 5, not from the start
+    assert saved[-1] == ("backbone", 20)
     assert out.exists() and meta["metrics"]["val_loss"] < meta["metrics"]["val_loss_before"]
     assert not (tmp_path / "sharp.safetensors.ckpt").exists()
 

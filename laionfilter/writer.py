@@ -1,0 +1,104 @@
+"""The scores folder: one Parquet part per shard, a ``_stats.json`` per shard written last, a manifest.
+
+A part is written under a hidden temporary name and renamed when whole; its stats file, written after
+the rename, is the shard's "done" marker. A rerun skips a shard whose stats say ``done`` for the same
+manifest fingerprint, and redoes any other shard whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import LaionfilterError
+from .safefiles import read_json, write_json
+
+SCORES_FORMAT = "laionfilter.scores/1"
+FIXED_COLUMNS = ["key", "shard", "url", "caption", "width", "height", "status", "error"]
+
+
+def schema(profiles: list[str]) -> pa.Schema:
+    return pa.schema([("key", pa.string()), ("shard", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+                      ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string()), ("error", pa.string())]
+                     + [(p, pa.float32()) for p in profiles])
+
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    body = {k: manifest[k] for k in ("format", "bank", "profiles", "preprocess")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_output(out: Path, manifest: dict[str, Any], overwrite: bool) -> str:
+    """Create or check the folder's manifest; returns the run's fingerprint."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {**manifest, "format": SCORES_FORMAT}
+    fp = manifest_fingerprint(manifest)
+    path = out / "_manifest.json"
+    if path.exists() and not overwrite:
+        old = read_json(path, what="scores manifest")
+        if old.get("fingerprint") != fp:
+            raise LaionfilterError(
+                f"{out}: holds scores made with other profiles, bank or preprocessing "
+                f"({', '.join(p['name'] for p in old.get('profiles', []))}); use --overwrite to redo it, or another --out")
+    write_json(path, {**manifest, "fingerprint": fp})
+    return fp
+
+
+def stats_path(out: Path, name: str) -> Path:
+    return out / f"{name}_stats.json"
+
+
+def shard_done(out: Path, name: str, fingerprint: str) -> bool:
+    p = stats_path(out, name)
+    if not p.exists():
+        return False
+    try:
+        s = json.loads(p.read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+    return s.get("status") == "done" and s.get("fingerprint") == fingerprint and (out / f"{name}.parquet").exists()
+
+
+@dataclass
+class ShardRows:
+    """Rows of one shard as they come, written out in one go when the shard ends."""
+
+    url: str
+    name: str
+    profiles: list[str]
+    started: float = field(default_factory=time.time)
+    columns: dict[str, list] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.columns = {c: [] for c in FIXED_COLUMNS + self.profiles}
+
+    def add(self, rows: dict[str, list]) -> None:
+        for c, values in rows.items():
+            self.columns[c].extend(values)
+
+    def __len__(self) -> int:
+        return len(self.columns["key"])
+
+    def finish(self, out: Path, fingerprint: str, error: str | None) -> dict[str, Any]:
+        table = pa.table(self.columns, schema=schema(self.profiles))
+        final = out / f"{self.name}.parquet"
+        tmp = out / f".{self.name}.parquet.tmp-{os.getpid()}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+        statuses = table.column("status").to_pylist()
+        counts: dict[str, int] = {}
+        for s in statuses:
+            counts[s] = counts.get(s, 0) + 1
+        stats = {"shard": self.url, "name": self.name, "status": "failed" if error else "done", "error": error,
+                 "samples": len(statuses), "ok": counts.get("ok", 0), "statuses": counts,
+                 "seconds": round(time.time() - self.started, 3), "fingerprint": fingerprint}
+        write_json(stats_path(out, self.name), stats)
+        return stats

@@ -1,0 +1,252 @@
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from laionfilter import score as score_module
+from laionfilter.cli import cli
+from laionfilter.errors import LaionfilterError
+from laionfilter.images import Preprocessor
+from laionfilter.learn import LearnConfig
+from laionfilter.profile import learn_profiles, load_profile
+from laionfilter.score import ScoreConfig, score_shards
+from laionfilter.starter import load_photo, random_crop
+
+
+def _jpeg(img: Image.Image, quality=90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _crops(n, seed):
+    rng = np.random.default_rng(seed)
+    photos = [load_photo(p) for p in ("coffee", "china", "flower", "coins")]
+    return [random_crop(photos[i % 4], int(rng.integers(70, 140)), rng) for i in range(n)]
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+    return path
+
+
+def good_samples(prefix: str, n: int, seed: int) -> list[dict]:
+    out = []
+    for i, img in enumerate(_crops(n, seed)):
+        key = f"{prefix}{i:04d}"
+        out.append({"__key__": key, "jpg": _jpeg(img),
+                    "json": json.dumps({"url": f"https://example.com/{key}.jpg", "caption": f"photo {key}",
+                                        "width": img.width, "height": img.height, "key": key}).encode(),
+                    "txt": f"photo {key}".encode()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Three good shards written by webdataset's TarWriter."""
+    root = tmp_path_factory.mktemp("shards")
+    for s in range(3):
+        write_shard(root / f"{s:05d}.tar", good_samples(f"{s:05d}", 7, seed=s))
+    return root
+
+
+@pytest.fixture(scope="module")
+def profiles(small_bank, ratings_csv, tmp_path_factory):
+    root = tmp_path_factory.mktemp("profiles")
+    a = learn_profiles(ratings_csv, small_bank, root / "alice.profile", LearnConfig(steps=3, device="cpu"), progress=False)[0]
+    b = learn_profiles(ratings_csv, small_bank, root / "bob.profile", LearnConfig(steps=3, device="cpu", init="uniform"),
+                       progress=False)[0]
+    return [a, b]
+
+
+def read_scores(out: Path):
+    files = sorted(out.glob("*.parquet"))
+    return pq.read_table(files).to_pylist() if files else []
+
+
+def direct_scores(profile_path, bank, data: list[bytes]) -> np.ndarray:
+    model = load_profile(profile_path).model(bank)
+    pre = Preprocessor(bank.architecture.preprocess)
+    with torch.no_grad():
+        return model(torch.stack([pre(d) for d in data])).numpy()
+
+
+def test_two_workers_score_each_sample_once_and_match_the_direct_forward(shards, profiles, small_bank, tmp_path):
+    out = tmp_path / "scores.parquet"
+    s = score_shards(str(shards), profiles, out, bank=small_bank, cfg=ScoreConfig(workers=2, batch_size=4, device="cpu"),
+                     progress=False)
+    assert (s["done"], s["failed"], s["samples"], s["scored"]) == (3, 0, 21, 21)
+    rows = read_scores(out)
+    keys = [r["key"] for r in rows]
+    assert sorted(keys) == sorted(f"{s:05d}{i:04d}" for s in range(3) for i in range(7))
+    assert all(r["status"] == "ok" and r["caption"] == f"photo {r['key']}" and r["url"].endswith(f"{r['key']}.jpg")
+               for r in rows)
+    by_key = {r["key"]: r for r in rows}
+    samples = good_samples("00001", 7, seed=1)
+    for prof, col in zip(profiles, ("alice", "bob")):
+        expect = direct_scores(prof, small_bank, [x["jpg"] for x in samples])
+        got = np.array([by_key[x["__key__"]][col] for x in samples])
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+    for name in ("00000", "00001", "00002"):
+        stats = json.loads((out / f"{name}_stats.json").read_text())
+        assert stats["status"] == "done" and stats["samples"] == 7
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert [p["name"] for p in manifest["profiles"]] == ["alice", "bob"]
+    assert manifest["bank"]["fingerprint"] == small_bank.fingerprint
+    # DuckDB reads the folder with a glob
+    import duckdb
+
+    n = duckdb.sql(f"SELECT count(*) AS n, count(DISTINCT key) AS k FROM read_parquet('{out}/*.parquet')").fetchall()
+    assert n == [(21, 21)]
+
+
+def test_bad_samples_and_broken_shards_get_rows_and_the_run_goes_on(profiles, small_bank, tmp_path):
+    src = tmp_path / "shards"
+    src.mkdir()
+    good = good_samples("a", 4, seed=5)
+    corrupt = dict(good_samples("b", 1, seed=6)[0], __key__="bad-jpeg")
+    corrupt["jpg"] = corrupt["jpg"][: len(corrupt["jpg"]) // 3]  # truncated JPEG data
+    junk = dict(good_samples("c", 1, seed=7)[0], __key__="not-an-image")
+    junk["jpg"] = b"this is text, not a JPEG"
+    no_image = {"__key__": "no-image", "json": json.dumps({"url": "https://example.com/x.jpg", "caption": "lost"}).encode(),
+                "txt": b"lost"}
+    write_shard(src / "mixed.tar", good[:2] + [corrupt, no_image, junk] + good[2:])
+    write_shard(src / "empty.tar", [])
+    whole = write_shard(tmp_path / "whole.tar", good_samples("t", 8, seed=8))
+    data = whole.read_bytes()
+    (src / "truncated.tar").write_bytes(data[: int(len(data) * 0.6)])
+    out = tmp_path / "scores"
+    r = CliRunner().invoke(cli, ["score", str(src), "--profile", str(profiles[0]), "--bank", str(small_bank.path),
+                                 "--out", str(out), "--workers", "2", "--batch-size", "3", "--device", "cpu"])
+    assert r.exit_code == 1, r.output
+    assert "2 shard(s) done, 1 failed" in r.output and "truncated.tar" in r.output
+    rows = {x["key"]: x for x in read_scores(out)}
+    assert rows["bad-jpeg"]["status"] == "corrupt" and rows["bad-jpeg"]["alice"] is None and rows["bad-jpeg"]["error"]
+    assert rows["not-an-image"]["status"] == "unsupported"
+    assert rows["no-image"]["status"] == "no_image" and rows["no-image"]["caption"] == "lost"
+    assert all(rows[f"a{i:04d}"]["status"] == "ok" and rows[f"a{i:04d}"]["alice"] is not None for i in range(4))
+    truncated = [k for k, x in rows.items() if x["shard"] == "truncated"]
+    assert 0 < len(truncated) < 8  # the rows it produced are kept
+    assert json.loads((out / "truncated_stats.json").read_text())["status"] == "failed"
+    assert json.loads((out / "empty_stats.json").read_text())["samples"] == 0
+    # The failed shard is retried by the next run; the done ones are skipped.
+    r = CliRunner().invoke(cli, ["score", str(src), "--profile", str(profiles[0]), "--bank", str(small_bank.path),
+                                 "--out", str(out), "--workers", "0", "--device", "cpu"])
+    assert "1 failed, 2 skipped" in r.output
+
+
+def test_killed_run_resumes_to_the_same_result(shards, profiles, small_bank, tmp_path, monkeypatch):
+    cfg = ScoreConfig(workers=0, batch_size=5, device="cpu")
+    whole = tmp_path / "whole"
+    score_shards(str(shards), profiles, whole, bank=small_bank, cfg=cfg, progress=False)
+    real_finish = score_module.ShardRows.finish
+    finished = []
+
+    def finish_then_die(self, *a, **k):
+        stats = real_finish(self, *a, **k)
+        finished.append(self.name)
+        raise KeyboardInterrupt  # killed right after the first shard was written
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(score_module.ShardRows, "finish", finish_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        score_shards(str(shards), profiles, out, bank=small_bank, cfg=cfg, progress=False)
+    monkeypatch.setattr(score_module.ShardRows, "finish", real_finish)
+    assert len(finished) == 1 and len(list(out.glob("*_stats.json"))) == 1
+    s = score_shards(str(shards), profiles, out, bank=small_bank, cfg=cfg, progress=False)
+    assert (s["skipped"], s["done"]) == (1, 2)
+    a = sorted(read_scores(whole), key=lambda r: r["key"])
+    b = sorted(read_scores(out), key=lambda r: r["key"])
+    assert [r["key"] for r in b] == sorted({r["key"] for r in b}) and len(b) == 21
+    assert a == b
+
+
+def test_a_profile_from_another_bank_is_refused_before_any_work(shards, profiles, tasks, tmp_path):
+    from laionfilter.bank import build_bank
+
+    other = build_bank(tasks[:2], tmp_path / "other-bank")
+    out = tmp_path / "scores"
+    with pytest.raises(LaionfilterError, match="was learned on bank"):
+        score_shards(str(shards), profiles, out, bank=other, cfg=ScoreConfig(workers=0, device="cpu"), progress=False)
+    assert not out.exists()
+
+
+def test_rank_split_covers_every_shard_once(shards, profiles, small_bank, tmp_path):
+    out = tmp_path / "ranked"
+    for rank in range(2):
+        score_shards(str(shards), profiles[:1], out, bank=small_bank,
+                     cfg=ScoreConfig(workers=0, device="cpu", rank=rank, world_size=2), progress=False)
+    keys = [r["key"] for r in read_scores(out)]
+    assert len(keys) == 21 == len(set(keys))
+
+
+def test_other_manifest_is_refused_without_overwrite(shards, profiles, small_bank, tmp_path):
+    out = tmp_path / "s"
+    cfg = ScoreConfig(workers=0, device="cpu")
+    score_shards(str(shards), profiles[:1], out, bank=small_bank, cfg=cfg, progress=False)
+    with pytest.raises(LaionfilterError, match="other profiles"):
+        score_shards(str(shards), profiles, out, bank=small_bank, cfg=cfg, progress=False)
+
+
+def test_missing_gpu_is_a_clear_error(shards, profiles, small_bank, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(LaionfilterError, match="no CUDA GPU"):
+        score_shards(str(shards), profiles, tmp_path / "s", bank=small_bank, cfg=ScoreConfig(device="cuda"), progress=False)
+
+
+def test_shard_specs(shards, tmp_path):
+    from laionfilter.shards import expand_shards
+
+    three = [str(shards / f"{i:05d}.tar") for i in range(3)]
+    assert expand_shards(str(shards)) == three
+    assert expand_shards(str(shards / "{00000..00002}.tar")) == three
+    assert expand_shards(str(shards / "*.tar")) == three
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(three) + "\n# a comment\n")
+    assert expand_shards(str(lst)) == three
+    assert expand_shards("pipe:cat /x/{0..1}.tar") == ["pipe:cat /x/0.tar", "pipe:cat /x/1.tar"]
+    with pytest.raises(LaionfilterError, match="no such shard"):
+        expand_shards(str(shards / "{00000..00004}.tar"))
+
+
+def test_pipe_urls_are_read(shards, profiles, small_bank, tmp_path):
+    out = tmp_path / "piped"
+    s = score_shards(f"pipe:cat {shards}/{{00000..00001}}.tar", profiles[:1], out, bank=small_bank,
+                     cfg=ScoreConfig(workers=0, device="cpu"), progress=False)
+    assert s["scored"] == 14 and sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
+
+
+def test_img2dataset_shards(profiles, small_bank, tmp_path):
+    img2dataset = pytest.importorskip("img2dataset")
+    src = tmp_path / "src"
+    src.mkdir()
+    urls = []
+    for i, img in enumerate(_crops(6, seed=11)):
+        p = src / f"{i}.jpg"
+        p.write_bytes(_jpeg(img))
+        urls.append((f"file://{p}", f"caption {i}"))
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"url": [u for u, _ in urls], "caption": [c for _, c in urls]}), tmp_path / "urls.parquet")
+    img2dataset.download(url_list=str(tmp_path / "urls.parquet"), input_format="parquet", url_col="url",
+                         caption_col="caption", output_format="webdataset", output_folder=str(tmp_path / "i2d"),
+                         processes_count=1, thread_count=2, image_size=96, number_sample_per_shard=4,
+                         enable_wandb=False, distributor="multiprocessing")
+    out = tmp_path / "scores"
+    s = score_shards(str(tmp_path / "i2d"), profiles[:1], out, bank=small_bank,
+                     cfg=ScoreConfig(workers=2, device="cpu"), progress=False)
+    rows = read_scores(out)
+    assert s["scored"] == 6 and len({r["key"] for r in rows}) == 6
+    assert sorted(r["caption"] for r in rows) == sorted(c for _, c in urls)
+    assert all(r["url"].startswith("file://") and r["width"] == 96 for r in rows)
