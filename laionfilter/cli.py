@@ -299,6 +299,162 @@ def score(shards, profiles, bank_path, out, batch_size, workers, device, compile
         raise SystemExit(1)
 
 
+def _print_table(table, limit: int = 50) -> None:
+    rows = table.slice(0, limit).to_pylist()
+    names = table.column_names
+    cells = [[("" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))[:60] for c in names]
+             for r in rows]
+    widths = [max([len(n)] + [len(row[i]) for row in cells]) for i, n in enumerate(names)]
+    click.echo("  ".join(n.ljust(w) for n, w in zip(names, widths)))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    if table.num_rows > limit:
+        click.echo(f"... {table.num_rows - limit} more rows (use --out to write them all)")
+
+
+_join_options = [
+    click.option("--join", "join", type=click.Path(exists=True),
+                 help="Metadata Parquet (img2dataset's per-shard parquet, LAION's metadata), as the view 'meta'."),
+    click.option("--on", type=click.Choice(["key", "url"]), default="key", help="Column joining scores and metadata."),
+]
+
+
+def _with(options):
+    def wrap(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+    return wrap
+
+
+@cli.command()
+@click.argument("scores", type=click.Path())
+@click.option("--profile", required=True, help="Profile (score column) to select by.")
+@click.option("--top", type=int, help="Keep the N best images.")
+@click.option("--min-score", type=float, help="Keep images scoring at least this.")
+@click.option("--percentile", type=float, help="Keep images at or above this percentile (0–100) of the profile's scores.")
+@click.option("--where", help="Extra SQL condition, e.g. \"punsafe < 0.1 AND WIDTH >= 512\".")
+@_with(_join_options)
+@click.option("--all-statuses", is_flag=True, help="Keep rows whose status is not 'ok' too.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Subset file (.parquet or .csv).")
+def select(scores, profile, top, min_score, percentile, where, join, on, all_statuses, out):
+    """Select a user's subset of the scored images (url, caption, key, shard, score, joined columns).
+
+    \b
+    Example:
+      laionfilter select scores.parquet --profile alice --top 100000 --join laion.parquet --on url \\
+          --where "punsafe < 0.1 AND WIDTH >= 512" --out subset.parquet
+    """
+    from .query import select as run, write_table
+
+    t = run(scores, profile, top=top, min_score=min_score, percentile=percentile, where=where, join=join, on=on,
+            all_statuses=all_statuses)
+    write_table(t, out)
+    click.echo(f"{out}: {t.num_rows} images selected for {profile!r}")
+
+
+@cli.command()
+@click.argument("scores", type=click.Path())
+@click.argument("sql")
+@_with(_join_options[:1])
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the result (.parquet or .csv) instead of printing it.")
+def query(scores, sql, join, out):
+    """Run DuckDB SQL over the scores (the view 'scores', and 'meta' with --join).
+
+    \b
+    Example:
+      laionfilter query scores.parquet "SELECT status, count(*) FROM scores GROUP BY status"
+    """
+    from .query import query as run, write_table
+
+    t = run(scores, sql, join=join)
+    if out:
+        write_table(t, out)
+        click.echo(f"{out}: {t.num_rows} rows")
+    else:
+        _print_table(t)
+
+
+@cli.command()
+@click.argument("subset", type=click.Path(exists=True, dir_okay=False))
+@click.option("--shards", required=True, help="The shards the subset was scored from.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the new shards.")
+@click.option("--maxcount", type=int, default=10000, help="Samples per output shard.")
+def reshard(subset, shards, out, maxcount):
+    """Copy a subset's samples (image, json, txt: bytes untouched) from local shards into new shards.
+
+    \b
+    Example:
+      laionfilter reshard subset.parquet --shards shards/ --out alice-shards/
+    """
+    from .export import reshard as run
+
+    r = run(subset, shards, out, maxcount=maxcount)
+    click.echo(f"{out}: {r['copied']} samples copied, {r['missing']} not found in the shards")
+    if r["missing"]:
+        raise SystemExit(1)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("subset", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for img2dataset's shards.")
+@click.option("--image-size", type=int, default=256)
+@click.option("--processes", type=int, default=1)
+@click.option("--threads", type=int, default=16)
+def fetch(subset, out, image_size, processes, threads):
+    """Download a subset's urls and captions as WebDataset shards with img2dataset.
+
+    \b
+    Example:
+      laionfilter fetch subset.parquet --out alice-shards/ --image-size 512 --processes 8
+    """
+    from .export import fetch as run
+
+    r = run(subset, out, image_size=image_size, processes_count=processes, thread_count=threads)
+    click.echo(f"{out}: {r['downloaded']} of {r['requested']} images downloaded, {r['failed']} failed")
+
+
+@cli.command()
+@click.argument("scores", type=click.Path())
+@click.option("--profile", "profiles", multiple=True, help="Profile(s) to build sets for (default: every profile).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder; one subfolder per profile.")
+@click.option("--top", type=int, default=1000, help="Exemplars: the K best images.")
+@click.option("--bottom", type=int, default=1000, help="Negatives: the K worst images.")
+@click.option("--pairs", type=int, default=10000, help="Preference pairs to draw.")
+@click.option("--margin", type=float, default=1.0, help="Least score difference within a pair.")
+@click.option("--group-by", help="Pair only images sharing this column (e.g. caption).")
+@click.option("--seed", type=int, default=0)
+def guidance(scores, profiles, out, top, bottom, pairs, margin, group_by, seed):
+    """Write diffusion guidance sets: top-K exemplars, bottom-K negatives and preference pairs.
+
+    \b
+    Example:
+      laionfilter guidance scores.parquet --profile alice --out guidance/ --pairs 50000 --margin 1.5
+    """
+    from .guidance import guidance_sets
+
+    report = guidance_sets(scores, out, list(profiles) or None, top=top, bottom=bottom, pairs=pairs, margin=margin,
+                           group_by=group_by, seed=seed)
+    for name, r in report.items():
+        click.echo(f"{r['folder']}: {r['exemplars']} exemplars, {r['negatives']} negatives, {r['pairs']} pairs")
+
+
+@cli.command()
+@click.option("--out", default="laionfilter-demo", type=click.Path(file_okay=False), help="Folder for everything it makes.")
+@click.option("--steps", type=int, default=500, help="Learning steps (the paper's 500).")
+def demo(out, steps):
+    """Run learn → score → select → guidance → DuckDB on the starter bank and bundled examples.
+
+    \b
+    Example:
+      laionfilter demo --out laionfilter-demo
+    """
+    from .demo import run_demo
+
+    run_demo(out, steps=steps, echo=click.echo)
+    click.echo(f"\neverything is in {out}/")
+
+
 def main() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     cli()

@@ -375,15 +375,21 @@ def default_cache() -> Path:
     return Path(root)
 
 
+SHIPPED = Path(__file__).parent / "data" / "starter-bank"
+
+
 def resolve_bank(spec: str | os.PathLike | None = "starter", progress: bool = True):
-    """A bank from a path, or ``starter`` (``$LAIONFILTER_BANK`` if set, else built once into the cache)."""
+    """A bank from a path, or ``starter``: ``$LAIONFILTER_BANK`` if set, else the bank shipped in the
+    package (4 MiB, fp16), else one built once into the cache."""
     from .bank import load_bank
 
     spec = str(spec) if spec is not None else "starter"
     if spec == "starter":
         env = os.environ.get("LAIONFILTER_BANK")
-        if env:
+        if env and env != "starter":
             return load_bank(env)
+        if (SHIPPED / "manifest.json").exists():
+            return load_bank(SHIPPED)
         path = default_cache() / "starter-bank"
         if not (path / "manifest.json").exists():
             note(f"building the starter bank into {path} (once; a few minutes on 2 CPU cores)")

@@ -66,3 +66,43 @@ def test_small_starter_build(tmp_path):
         assert {r["photo"] for r in rows if r["split"] == "val"} <= set(PHOTOS["val"])
         if criterion == "colourfulness":
             assert not photos & {"camera", "moon", "grass", "text"}
+
+
+def test_shipped_starter_bank_meets_its_bar():
+    from laionfilter.starter import SHIPPED, resolve_bank
+
+    bank = resolve_bank("starter")
+    assert bank.path == SHIPPED and bank.manifest["architecture"]["name"] == "lf-tiny-vit"
+    good = [t for t in bank.tasks if t["metrics"]["val_srocc"] >= 0.7 and t["metrics"]["n_val"] >= 100]
+    assert len(good) >= 5, [(t["name"], t["metrics"]["val_srocc"]) for t in bank.tasks]
+    info = read_json(SHIPPED / "starter.json")
+    assert info["photos"]["eval"] == PHOTOS["eval"] and tuple(info["config"]["criteria"]) == StarterConfig().criteria
+
+
+@pytest.mark.parametrize("criterion", ["sharpness", "noise", "exposure", "colourfulness", "contrast", "warmth"])
+def test_shipped_task_models_rank_degradations_of_unseen_photos(criterion):
+    # Each task model orders degraded versions of the reserved evaluation photos by its own criterion.
+    import torch
+
+    from laionfilter.images import Preprocessor
+    from laionfilter.metrics import srocc
+    from laionfilter.starter import resolve_bank
+
+    bank = resolve_bank("starter")
+    i = [t["name"] for t in bank.tasks].index(criterion)
+    model, pre = bank.task_model(i), Preprocessor(bank.architecture.preprocess)
+    rng = np.random.default_rng(3)
+    levels, pixels = [], []
+    for name in ("coffee", "china", "flower"):
+        photo = load_photo(name)
+        for _ in range(8):
+            crop = CRITERIA[criterion]
+            from laionfilter.starter import usable_crop
+
+            img = usable_crop(photo, crop, 64, rng)
+            u = float(rng.uniform())
+            levels.append(u)
+            pixels.append(pre(degrade(img, criterion, u, rng)[0]))
+    with torch.no_grad():
+        pred = model(torch.stack(pixels)).numpy()
+    assert srocc([-u for u in levels], pred) > 0.6

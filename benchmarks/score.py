@@ -1,0 +1,173 @@
+"""Scoring throughput, measured side by side in one run on the same shards and models.
+
+For each model (the starter bank's tiny ViT, and ViT-B-16 with random weights):
+  (a) model-only: the merged model's forward on pre-decoded, preprocessed tensors,
+  (b) decode-only: reading, decoding and preprocessing the shards through the same DataLoader,
+  (c) end-to-end: `score_shards`, and its ratio to the serial bound 1 / (1/a + 1/b) (on a CPU the
+      decoding workers and the model share the cores; on a GPU the bound is min(a, b)).
+Then K profiles in one pass against K separate passes (tiny model), and the resident memory of a
+process scoring many shards, shard after shard.
+
+    python benchmarks/score.py                 # about 5 minutes on 2 cores
+    python benchmarks/score.py --skip-vit-b    # the tiny model only
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from laionfilter.bank import build_bank
+from laionfilter.finetune import FinetuneConfig, StageConfig, finetune
+from laionfilter.profile import Profile, PROFILE_FORMAT
+from laionfilter.score import ScoreConfig, ShardBatches, score_shards
+from laionfilter.starter import PHOTOS, load_photo, random_crop, resolve_bank
+
+
+def make_shards(root: Path, shards: int, per_shard: int, size: int, seed: int = 0) -> list[str]:
+    """JPEG shards like img2dataset's (shorter side ``size``) from the bank's unseen photos."""
+    rng = np.random.default_rng(seed)
+    photos = [load_photo(n) for n in PHOTOS["eval"]]
+    root.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for s in range(shards):
+        path = root / f"{s:05d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(per_shard):
+                img = random_crop(photos[(s + i) % len(photos)], size, rng)
+                img = img.resize((int(size * rng.uniform(1.0, 1.5)), size))
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=90)
+                key = f"{s:05d}{i:04d}"
+                sink.write({"__key__": key, "jpg": buf.getvalue(),
+                            "json": json.dumps({"url": f"https://example.com/{key}.jpg", "caption": key}).encode()})
+        urls.append(str(path))
+    return urls
+
+
+def profiles_for(bank, k: int, root: Path) -> list[Path]:
+    """K profiles with distinct random coefficients (throughput does not depend on their values)."""
+    out = []
+    g = torch.Generator().manual_seed(k)
+    for j in range(k):
+        alpha = torch.rand(bank.n, len(bank.layers), generator=g) / bank.n
+        meta = {"format": PROFILE_FORMAT, "name": f"p{j}", "bank": {"fingerprint": bank.fingerprint, "path": str(bank.path)},
+                "tasks": [t["name"] for t in bank.tasks], "layers": len(bank.layers)}
+        out.append(Profile(alpha, meta).save(root / f"p{j}.profile"))
+    return out
+
+
+def vit_b_bank(root: Path):
+    """A two-task ViT-B-16 bank from random weights (phase 1 with zero steps: τ = 0, shapes real)."""
+    table = root / "db.csv"
+    img_dir = root / "db"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["image,score,split"]
+    for i in range(4):
+        random_crop(load_photo("coffee"), 224, np.random.default_rng(i)).save(img_dir / f"{i}.png")
+        rows.append(f"db/{i}.png,{2 + i},{'val' if i % 2 else 'train'}")
+    table.write_text("\n".join(rows) + "\n")
+    tasks = []
+    for name in ("a", "b"):
+        cfg = FinetuneConfig(database=str(table), base="ViT-B-16", name=name, device="cpu", workers=0,
+                             head=StageConfig(0, 2, 1e-5, 1e-6), backbone=StageConfig(0, 2, 1e-6, 1e-7), checkpoint_every=0)
+        finetune(cfg, root / f"{name}.safetensors", progress=False)
+        tasks.append(root / f"{name}.safetensors")
+    return build_bank(tasks, root / "bank")
+
+
+def model_only(bank, profile: Path, pixels: torch.Tensor, batch: int) -> float:
+    from laionfilter.profile import load_profile
+
+    model = load_profile(profile).model(bank)
+    with torch.inference_mode():
+        model(pixels[:batch])  # warm-up
+        t = time.perf_counter()
+        for i in range(0, len(pixels), batch):
+            model(pixels[i:i + batch])
+    return len(pixels) / (time.perf_counter() - t)
+
+
+def decode_only(urls: list[str], preprocess: dict, batch: int, workers: int) -> tuple[float, torch.Tensor]:
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(ShardBatches(urls, preprocess, batch), batch_size=None, collate_fn=lambda x: x,
+                        num_workers=workers, prefetch_factor=4 if workers else None)
+    t = time.perf_counter()
+    pix, n = [], 0
+    for b in loader:
+        if not b["end"]:
+            n += len(b["rows"])
+            pix.append(b["pixels"])
+    return n / (time.perf_counter() - t), torch.cat(pix)
+
+
+def end_to_end(urls, profiles, bank, out: Path, batch: int, workers: int) -> float:
+    s = score_shards(urls, profiles, out, bank=bank, cfg=ScoreConfig(batch_size=batch, workers=workers, device="cpu",
+                                                                     overwrite=True), progress=False)
+    return s["samples"] / s["seconds"]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--skip-vit-b", action="store_true")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))
+    print(f"threads: torch {torch.get_num_threads()}, DataLoader workers {args.workers}, cores {os.cpu_count()}")
+    rows = []
+    setups = [("tiny (starter bank, 64 px)", resolve_bank("starter"), 8, 64, 256)]
+    if not args.skip_vit_b:
+        setups.append(("ViT-B-16 random (224 px)", vit_b_bank(tmp / "vitb"), 2, 24, 32))
+    for label, bank, n_shards, per_shard, batch in setups:
+        urls = make_shards(tmp / f"shards-{len(rows)}", n_shards, per_shard, 256)
+        [prof] = profiles_for(bank, 1, tmp)
+        dec, pixels = decode_only(urls, bank.manifest["architecture"]["preprocess"], batch, args.workers)
+        mod = model_only(bank, prof, pixels, batch)
+        e2e = end_to_end(urls, [prof], bank, tmp / "out", batch, args.workers)
+        bound = 1 / (1 / mod + 1 / dec)
+        rows.append((label, mod, dec, e2e, bound))
+        print(f"{label}: model-only {mod:.0f} img/s, decode-only {dec:.0f} img/s, end-to-end {e2e:.0f} img/s, "
+              f"serial bound {bound:.0f} img/s, end-to-end / bound = {e2e / bound:.2f}")
+
+    bank = resolve_bank("starter")
+    urls = make_shards(tmp / "shards-k", 8, 64, 256, seed=1)
+    for k in (1, 4, 8):
+        profs = profiles_for(bank, k, tmp / f"k{k}")
+        one = end_to_end(urls, profs, bank, tmp / f"one{k}", 256, args.workers)
+        t = time.perf_counter()
+        for p in profs:
+            end_to_end(urls, [p], bank, tmp / f"sep{k}-{p.stem}", 256, args.workers)
+        separate = len(profs) * 512 / (time.perf_counter() - t)  # profile-scores per second
+        print(f"K={k}: one pass {one * k:.0f} profile-scores/s, {k} passes {separate:.0f} profile-scores/s, "
+              f"ratio {one * k / separate:.2f}")
+
+    urls = make_shards(tmp / "shards-mem", 40, 16, 256, seed=2)
+    [prof] = profiles_for(bank, 1, tmp / "mem")
+    marks = []
+    for i in range(0, 40, 10):
+        score_shards(urls[i:i + 10], [prof], tmp / "mem-out", bank=bank,
+                     cfg=ScoreConfig(batch_size=64, workers=0, device="cpu"), progress=False)
+        marks.append(rss_mib())
+    print("resident memory after 10, 20, 30, 40 shards (MiB): " + ", ".join(f"{m:.0f}" for m in marks))
+
+
+if __name__ == "__main__":
+    main()
