@@ -168,9 +168,12 @@ def _bank_option(f):
 @click.option("--steps", type=int, default=500)
 @click.option("--lr", type=float, default=1e-2, help="Start of the cosine schedule (ends at lr/10).")
 @click.option("--batch-size", type=int, default=32)
+@click.option("--anchor", type=float, default=0.0,
+              help="Beyond the paper: penalty keeping the coefficients near their start (0: the paper's recipe).")
 @click.option("--seed", type=int, default=0)
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, steps, lr, batch_size, seed, device):
+def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, steps, lr, batch_size, anchor, seed,
+          device):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -182,7 +185,7 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     from .starter import resolve_bank
 
     cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, steps=steps,
-                      batch_size=batch_size, lr=lr, lr_end=lr / 10, seed=seed, device=device)
+                      batch_size=batch_size, lr=lr, lr_end=lr / 10, seed=seed, device=device, anchor=anchor)
     for path in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards):
         m = load_profile(path).meta
         click.echo(f"{path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "
@@ -276,7 +279,11 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
 @click.option("--overwrite", is_flag=True, help="Redo shards already done (and replace another run's manifest).")
 @click.option("--rank", type=int, help="This process's share of the shards (default: $RANK or 0).")
 @click.option("--world-size", type=int, help="Number of processes sharing the shards (default: $WORLD_SIZE or 1).")
-def score(shards, profiles, bank_path, out, batch_size, workers, device, compile_, overwrite, rank, world_size):
+@click.option("--distributor", type=click.Choice(["local", "ray"]), default="local",
+              help="local: this process; ray: one Ray task per shard on a cluster (pip install 'laionfilter[ray]').")
+@click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: a local Ray instance.")
+def score(shards, profiles, bank_path, out, batch_size, workers, device, compile_, overwrite, rank, world_size,
+          distributor, ray_address):
     """Score WebDataset shards with one or more profiles into a resumable Parquet folder.
 
     SHARDS is a folder of .tar files, a glob, a brace pattern (shards/{00000..00099}.tar), a text
@@ -289,7 +296,7 @@ def score(shards, profiles, bank_path, out, batch_size, workers, device, compile
     from .score import ScoreConfig, score_shards
 
     cfg = ScoreConfig(batch_size=batch_size, workers=workers, device=device, compile=compile_, overwrite=overwrite,
-                      rank=rank, world_size=world_size)
+                      rank=rank, world_size=world_size, distributor=distributor, ray_address=ray_address)
     s = score_shards(shards, list(profiles), out, bank=bank_path, cfg=cfg)
     click.echo(f"{out}: {s['done']} shard(s) done, {s['failed']} failed, {s['skipped']} skipped as already done; "
                f"{s['scored']} images scored, {s['failed_samples']} not scored; {s['images_per_second']} images/s")
@@ -395,22 +402,33 @@ def reshard(subset, shards, out, maxcount):
         raise SystemExit(1)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command()
 @click.argument("subset", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for img2dataset's shards.")
 @click.option("--image-size", type=int, default=256)
 @click.option("--processes", type=int, default=1)
 @click.option("--threads", type=int, default=16)
-def fetch(subset, out, image_size, processes, threads):
+@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Any other img2dataset.download option, e.g. -o resize_mode=keep_ratio -o encode_quality=90.")
+def fetch(subset, out, image_size, processes, threads, options):
     """Download a subset's urls and captions as WebDataset shards with img2dataset.
 
     \b
     Example:
-      laionfilter fetch subset.parquet --out alice-shards/ --image-size 512 --processes 8
+      laionfilter fetch subset.parquet --out alice-shards/ --image-size 512 --processes 8 -o resize_mode=keep_ratio
     """
     from .export import fetch as run
 
-    r = run(subset, out, image_size=image_size, processes_count=processes, thread_count=threads)
+    extra = {}
+    for o in options:
+        key, sep, value = o.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{o!r} is not KEY=VALUE", param_hint="--option")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value  # a bare string such as keep_ratio
+    r = run(subset, out, image_size=image_size, processes_count=processes, thread_count=threads, **extra)
     click.echo(f"{out}: {r['downloaded']} of {r['requested']} images downloaded, {r['failed']} failed")
 
 

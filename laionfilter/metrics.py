@@ -8,19 +8,20 @@ import numpy as np
 from scipy import stats
 
 
-def srocc(y_true, y_pred) -> float:
-    """Spearman's rank-order correlation; 0 where either side is constant (no ranking to agree with)."""
+def _correlation(stat, y_true, y_pred) -> float:
+    """``stat``'s coefficient; 0 where either side is constant (no ranking or trend to agree with)."""
     a, b = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
-    r = stats.spearmanr(a, b).statistic
+    r = stat(a, b).statistic
     return 0.0 if math.isnan(r) else float(r)
+
+
+def srocc(y_true, y_pred) -> float:
+    """Spearman's rank-order correlation (eq. 5)."""
+    return _correlation(stats.spearmanr, y_true, y_pred)
 
 
 def plcc(y_true, y_pred) -> float:
-    """Pearson's linear correlation; 0 where either side is constant."""
-    a, b = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    r = stats.pearsonr(a, b).statistic
-    return 0.0 if math.isnan(r) else float(r)
+    """Pearson's linear correlation."""
+    return _correlation(stats.pearsonr, y_true, y_pred)

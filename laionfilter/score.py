@@ -39,6 +39,9 @@ class ScoreConfig:
     rank: int | None = None  # None: from RANK, else 0
     world_size: int | None = None  # None: from WORLD_SIZE, else 1
     prefetch: int = 4  # batches per worker in flight
+    distributor: str = "local"  # local, or ray: one Ray task per shard
+    ray_address: str | None = None  # None: start or join the local Ray instance; "auto": the running cluster
+    ray_actors: int | None = None  # None: one per GPU (or CPU) of the cluster
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,8 +74,33 @@ def sample_row(sample: Sample, shard: str, pre: Preprocessor) -> tuple[dict[str,
     return row, pre(pixels)
 
 
+def shard_batches(url: str, pre: Preprocessor, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Batches of one shard's decoded samples (a batch never spans shards), then its end marker."""
+    name = shard_name(url)
+    rows, pixels, index = [], [], []
+
+    def batch() -> dict[str, Any]:
+        return {"url": url, "end": False, "rows": rows, "index": index,
+                "pixels": torch.stack(pixels) if pixels else None}
+
+    for item in read_shard(url):
+        if isinstance(item, ShardEnd):
+            if rows:
+                yield batch()
+            yield {"url": url, "end": True, "error": item.error}
+            return
+        row, px = sample_row(item, name, pre)
+        if px is not None:
+            index.append(len(rows))
+            pixels.append(px)
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield batch()
+            rows, pixels, index = [], [], []
+
+
 class ShardBatches(IterableDataset):
-    """Batches of decoded samples from this worker's shards, each batch from one shard, then a ShardEnd."""
+    """This DataLoader worker's shards (every num_workers-th), batch by batch."""
 
     def __init__(self, urls: list[str], preprocess: dict[str, Any], batch_size: int):
         self.urls, self.preprocess, self.batch_size = urls, preprocess, batch_size
@@ -80,30 +108,39 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         mine = self.urls[info.id::info.num_workers] if info else self.urls
+        if info:
+            torch.set_num_threads(1)  # decoding workers: one thread each, the cores are shared
         pre = Preprocessor(self.preprocess)
-        torch.set_num_threads(1)  # decoding workers: one thread each, the cores are shared
         for url in mine:
-            name = shard_name(url)
-            rows, pixels, index = [], [], []
-            for item in read_shard(url):
-                if isinstance(item, ShardEnd):
-                    if rows:
-                        yield self._batch(url, rows, pixels, index)
-                    yield {"url": url, "end": True, "error": item.error}
-                    break
-                row, px = sample_row(item, name, pre)
-                if px is not None:
-                    index.append(len(rows))
-                    pixels.append(px)
-                rows.append(row)
-                if len(rows) == self.batch_size:
-                    yield self._batch(url, rows, pixels, index)
-                    rows, pixels, index = [], [], []
+            yield from shard_batches(url, pre, self.batch_size)
 
-    @staticmethod
-    def _batch(url, rows, pixels, index) -> dict[str, Any]:
-        return {"url": url, "end": False, "rows": rows, "index": index,
-                "pixels": torch.stack(pixels) if pixels else None}
+
+class MergedModels:
+    """Every profile's merged model, materialised once, in inference mode on one device."""
+
+    def __init__(self, profiles: list[tuple[Path, Profile]], bank: Bank, device: torch.device, compile: bool = False):
+        from .model import autocast
+
+        self.device, self._autocast = device, autocast
+        self.models = []
+        for _, prof in profiles:
+            m = prof.model(bank).to(device).eval()
+            self.models.append((prof.name, torch.compile(m) if compile else m))
+        self.names = [n for n, _ in self.models]
+
+    @torch.inference_mode()
+    def rows(self, batch: dict[str, Any]) -> dict[str, list]:
+        """The batch's output columns: its rows' fields and one score column per profile."""
+        n = len(batch["rows"])
+        scores = {name: [None] * n for name in self.names}
+        if batch["pixels"] is not None:
+            x = batch["pixels"].to(self.device, non_blocking=True)
+            for name, model in self.models:
+                with self._autocast(self.device):
+                    y = model(x).float().cpu().tolist()
+                for i, v in zip(batch["index"], y):
+                    scores[name][i] = v
+        return {**{c: [r[c] for r in batch["rows"]] for c in FIXED_COLUMNS}, **scores}
 
 
 def _identity(x):
@@ -131,11 +168,25 @@ def resolve_profiles(paths: list[str | os.PathLike]) -> list[tuple[Path, Profile
     return out
 
 
+def add_stats(summary: dict[str, Any], stats: dict[str, Any]) -> None:
+    """Count one finished shard into the run's summary."""
+    summary["samples"] += stats["samples"]
+    summary["scored"] += stats["ok"]
+    summary["failed_samples"] += stats["samples"] - stats["ok"]
+    if stats["status"] == "failed":
+        summary["failed"] += 1
+        summary["failed_shards"].append({"shard": stats["shard"], "error": stats["error"]})
+        note(f"{stats['shard']}: shard broke after {stats['samples']} samples ({stats['error']}); "
+             "its rows are kept and the next run redoes it")
+    else:
+        summary["done"] += 1
+
+
 def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out: str | os.PathLike,
                  bank: str | os.PathLike | Bank | None = None, cfg: ScoreConfig = ScoreConfig(),
                  progress: bool = True) -> dict[str, Any]:
     """Score every sample of the shards with every profile; returns the run's summary."""
-    from .model import pick_device, autocast
+    from .model import pick_device
 
     out = Path(out)
     loaded = resolve_profiles(profiles)
@@ -147,7 +198,11 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
         the_bank = resolve_bank(bank) if bank else load_bank(loaded[0][1].meta["bank"]["path"])
     for path, prof in loaded:
         prof.check_bank(the_bank, path)  # refuse before any work
-    device = pick_device(cfg.device)
+    if cfg.distributor not in ("local", "ray"):
+        raise LaionfilterError(f"distributor must be local or ray, not {cfg.distributor!r}")
+    device = pick_device(cfg.device) if cfg.distributor == "local" else None
+    if device is not None and device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = pick_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # torchrun: one process per GPU
     rank, world = rank_and_world(cfg)
     urls = shards if isinstance(shards, list) else expand_shards(shards)
     mine = urls[rank::world]
@@ -166,15 +221,18 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
     if skipped:
         note(f"{out}: {skipped} shard(s) already done, skipping them")
 
-    models = []
-    for _, prof in loaded:
-        m = prof.model(the_bank).to(device).eval()
-        models.append((prof.name, torch.compile(m) if cfg.compile else m))
-    prof_names = [n for n, _ in models]
     summary = {"shards": len(mine), "skipped": skipped, "done": 0, "failed": 0, "samples": 0, "scored": 0,
                "failed_samples": 0, "failed_shards": [], "seconds": 0.0}
     started = time.time()
-    if todo:
+    if todo and cfg.distributor == "ray":
+        from .distribute import score_with_ray
+
+        local = [u if u.startswith("pipe:") or "://" in u else str(Path(u).resolve()) for u in todo]  # for other cwds
+        score_with_ray(local, [f.resolve() for f, _ in loaded], the_bank.path.resolve(), out.resolve(), fingerprint,
+                       cfg, summary, progress)
+    elif todo:
+        models = MergedModels(loaded, the_bank, device, cfg.compile)
+        prof_names = models.names
         workers = min(cfg.workers, len(todo))
         loader = DataLoader(ShardBatches(todo, the_bank.manifest["architecture"]["preprocess"], cfg.batch_size),
                             batch_size=None, collate_fn=_identity, num_workers=workers,
@@ -182,36 +240,15 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
                             persistent_workers=False)
         open_shards: dict[str, ShardRows] = {}
         bar = tqdm(desc=f"score {len(todo)} shard(s)", unit="img", disable=not progress, smoothing=0.1)
-        with torch.inference_mode():
-            for batch in loader:
-                url = batch["url"]
-                rows = open_shards.setdefault(url, ShardRows(url, shard_name(url), prof_names))
-                if batch["end"]:
-                    stats = rows.finish(out, fingerprint, batch["error"])
-                    del open_shards[url]
-                    summary["samples"] += stats["samples"]
-                    summary["scored"] += stats["ok"]
-                    summary["failed_samples"] += stats["samples"] - stats["ok"]
-                    if batch["error"]:
-                        summary["failed"] += 1
-                        summary["failed_shards"].append({"shard": url, "error": batch["error"]})
-                        note(f"{url}: shard broke after {stats['samples']} samples ({batch['error']}); "
-                             "its rows are kept and the next run redoes it")
-                    else:
-                        summary["done"] += 1
-                    continue
-                n = len(batch["rows"])
-                scores = {name: [None] * n for name in prof_names}
-                if batch["pixels"] is not None:
-                    x = batch["pixels"].to(device, non_blocking=True)
-                    for name, model in models:
-                        with autocast(device):
-                            y = model(x).float().cpu().tolist()
-                        for i, v in zip(batch["index"], y):
-                            scores[name][i] = v
-                cols = {c: [r[c] for r in batch["rows"]] for c in FIXED_COLUMNS}
-                rows.add({**cols, **scores})
-                bar.update(n)
+        for batch in loader:
+            url = batch["url"]
+            rows = open_shards.setdefault(url, ShardRows(url, shard_name(url), prof_names))
+            if batch["end"]:
+                add_stats(summary, rows.finish(out, fingerprint, batch["error"]))
+                del open_shards[url]
+                continue
+            rows.add(models.rows(batch))
+            bar.update(len(batch["rows"]))
         bar.close()
     summary["seconds"] = round(time.time() - started, 2)
     summary["images_per_second"] = round(summary["samples"] / summary["seconds"], 1) if summary["seconds"] else 0.0

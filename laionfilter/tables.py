@@ -12,6 +12,10 @@ import pyarrow.parquet as pq
 from .errors import LaionfilterError
 
 
+# Columns that hold names, never numbers: a sample key such as 000000012 must keep its zeros.
+TEXT_COLUMNS = ("image", "user", "key", "shard", "url", "caption", "split")
+
+
 def read_table(path: str | os.PathLike) -> pa.Table:
     """A CSV (``.csv``), TSV (``.tsv``/``.tab``) or Parquet (``.parquet``/``.pq``) file as a table."""
     path = Path(path)
@@ -27,7 +31,8 @@ def read_table(path: str | os.PathLike) -> pa.Table:
             return pacsv.read_csv(
                 path,
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                convert_options=pacsv.ConvertOptions(strings_can_be_null=False, auto_dict_encode=False),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=False, auto_dict_encode=False,
+                                                     column_types={c: pa.string() for c in TEXT_COLUMNS}),
             )
     except (pa.ArrowInvalid, OSError) as e:
         raise LaionfilterError(f"{path}: cannot read it as a table ({e})") from None

@@ -250,3 +250,20 @@ def test_img2dataset_shards(profiles, small_bank, tmp_path):
     assert s["scored"] == 6 and len({r["key"] for r in rows}) == 6
     assert sorted(r["caption"] for r in rows) == sorted(c for _, c in urls)
     assert all(r["url"].startswith("file://") and r["width"] == 96 for r in rows)
+
+
+def test_ratings_may_name_sample_keys_in_shards(shards, small_bank, tmp_path):
+    from laionfilter.model import eval_transform
+    from laionfilter.ratings import read_ratings
+
+    keys = [f"00000{i:04d}" for i in range(7)] + [f"00002{i:04d}" for i in range(5)]
+    ratings = tmp_path / "r.csv"
+    ratings.write_text("image,score\n" + "\n".join(f"{k},{i % 5 + 1}" for i, k in enumerate(keys)) + "\n")
+    [sup] = read_ratings(ratings, eval_transform(small_bank.architecture), shards=str(shards))
+    assert sup.images == keys and len(sup.pixels) == 12
+    pre = Preprocessor(small_bank.architecture.preprocess)
+    first = good_samples("00000", 7, seed=0)[0]
+    assert torch.equal(sup.pixels[0], pre(first["jpg"]))
+    ratings.write_text("image,score\n00000000,3\nnot-a-key,4\n")
+    with pytest.raises(LaionfilterError, match="row 3: sample key 'not-a-key' not found"):
+        read_ratings(ratings, eval_transform(small_bank.architecture), shards=str(shards))
