@@ -7,7 +7,6 @@ The manifest's fingerprint covers the weights file and the manifest itself; load
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import click
 
@@ -52,7 +51,7 @@ def finetune(database, base, out, job, name, scale, score_range, head_steps, bac
     Example:
       laionfilter finetune ava.parquet --job jobs/finetune-ava.toml --base ViT-B-16:laion2b_s34b_b88k --out ava.safetensors
     """
-    from .finetune import FinetuneConfig, config_from_dict, finetune as run, load_job
+    from .finetune import config_from_dict, finetune as run, load_job
 
     opts = dict(database=database, base=base, name=name, scale=scale, score_range=score_range or None,
                 device=device, workers=workers, seed=seed)

@@ -21,7 +21,7 @@ from .errors import LaionfilterError
 from .images import ImageDecodeError
 from .tables import read_table, require_columns, resolve_path
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from .reader import IMAGE_EXTS
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .bank import Bank

@@ -12,7 +12,6 @@ ordered pair in the batch, and keeps the learning rate constant.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any

@@ -49,7 +49,7 @@ def _shard_images(shards: str, keys: set[str]) -> dict[str, bytes]:
     import webdataset as wds
 
     from .shards import expand_shards
-    from .databases import IMAGE_EXTS
+    from .reader import IMAGE_EXTS
 
     found: dict[str, bytes] = {}
     for sample in wds.WebDataset(expand_shards(shards), shardshuffle=False, empty_check=False, nodesplitter=None):

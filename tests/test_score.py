@@ -1,6 +1,5 @@
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +152,7 @@ def test_killed_run_resumes_to_the_same_result(shards, profiles, small_bank, tmp
     finished = []
 
     def finish_then_die(self, *a, **k):
-        stats = real_finish(self, *a, **k)
+        real_finish(self, *a, **k)
         finished.append(self.name)
         raise KeyboardInterrupt  # killed right after the first shard was written
 

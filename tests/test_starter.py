@@ -1,5 +1,4 @@
 import csv
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 
