@@ -137,7 +137,9 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConf
     alpha0 = init_coefficients(zs, L, cfg.init, cfg.temperature)
     if cfg.layer_agnostic:
         alpha0 = alpha0[:, 0].clone()
-    alpha = torch.nn.Parameter(alpha0.to(device))
+    # A copy: on the CPU .to() would share alpha0's storage, and the optimizer's in-place updates
+    # would then move the recorded start (and the anchor's target) along with α.
+    alpha = torch.nn.Parameter(alpha0.clone().to(device))
     start = alpha0.to(device)
     opt = torch.optim.Adam([alpha], lr=cfg.lr, weight_decay=0.0)
     x_all = pixels.to(device)

@@ -185,3 +185,15 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
 
     info = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile"), "--json"]).output)
     assert len(info["tasks"]) == 3 and info["name"] == "ann"
+
+
+def test_recorded_start_is_the_initialisation_and_the_anchor_holds_alpha_near_it(small_bank, ratings_csv):
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture))[0]
+    merger = Merger(small_bank, torch.device("cpu"))
+    free = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3))
+    expect = init_coefficients(free["zero_shot_srocc"], 60)
+    assert torch.equal(free["alpha_init"], expect)  # not moved along by the optimizer
+    assert not torch.equal(free["alpha"], expect)
+    held = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3, anchor=100.0))
+    moved = lambda r: (r["alpha"] - r["alpha_init"]).abs().mean().item()
+    assert moved(held) < 0.5 * moved(free)
