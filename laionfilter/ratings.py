@@ -45,19 +45,19 @@ def _report(path, problems: list[str]) -> None:
 
 
 def _shard_images(shards: str, keys: set[str]) -> dict[str, bytes]:
-    """Image bytes for the wanted keys, reading each shard once."""
-    import webdataset as wds
-
+    """Image bytes for the wanted keys, reading each shard once with the scorer's reader."""
+    from .reader import Sample, read_shard
     from .shards import expand_shards
-    from .reader import IMAGE_EXTS
 
     found: dict[str, bytes] = {}
-    for sample in wds.WebDataset(expand_shards(shards), shardshuffle=False, empty_check=False, nodesplitter=None):
-        key = sample["__key__"]
-        if key in keys and key not in found:
-            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-            if data is not None:
-                found[key] = data
+    for url in expand_shards(shards):
+        for item in read_shard(url):
+            if isinstance(item, Sample):
+                image = item.image
+                if item.key in keys and item.key not in found and image is not None:
+                    found[item.key] = image[1]
+            elif item.error:
+                raise LaionfilterError(f"{url}: cannot read shard ({item.error})")
     return found
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .errors import LaionfilterError
 from .log import note
+from .images import Preprocessor
 from .finetune import StageConfig, cosine_lr, finetune, FinetuneConfig
 from .model import HeadConfig, build_architecture, model_state
 from .safefiles import write_json, write_safetensors
@@ -305,7 +306,7 @@ def pretrain_base(cfg: StarterConfig, out: Path, progress: bool = True) -> Path:
     from .model import eval_transform
 
     transform = eval_transform(arch)
-    size = arch.preprocess["size"][0] if isinstance(arch.preprocess["size"], list) else arch.preprocess["size"]
+    size = Preprocessor(arch.preprocess).size[0]
     images, stats, quality = _pretrain_set(cfg, size)
     x_all = torch.stack([transform(im) for im in images])
     s_all, q_all = torch.from_numpy(stats), torch.from_numpy(quality)
@@ -346,7 +347,7 @@ def build_starter(out: str | os.PathLike, cfg: StarterConfig = StarterConfig(), 
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     arch, _ = build_architecture(cfg.arch, HeadConfig(seed=cfg.seed))
-    size = arch.preprocess["size"][0] if isinstance(arch.preprocess["size"], list) else arch.preprocess["size"]
+    size = Preprocessor(arch.preprocess).size[0]
     base = work / "base.safetensors"
     if not base.exists():
         pretrain_base(cfg, base, progress)
