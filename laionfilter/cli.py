@@ -272,7 +272,8 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
 @click.option("--bank", "bank_path", envvar="LAIONFILTER_BANK", help="Bank folder or 'starter' (default: the profiles' own).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Scores folder (Parquet dataset).")
 @click.option("--batch-size", type=int, default=256)
-@click.option("--workers", type=int, default=4, help="DataLoader worker processes reading and decoding.")
+@click.option("--workers", type=int, help="DataLoader worker processes reading and decoding (and, on the CPU, "
+              "scoring); default: one per core.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the merged models.")
 @click.option("--overwrite", is_flag=True, help="Redo shards already done (and replace another run's manifest).")

@@ -1,9 +1,12 @@
 """Scoring WebDataset shards with one or more profiles into the resumable Parquet folder.
 
 Shards are split by rank (``--rank/--world-size`` or torchrun's ``RANK``/``WORLD_SIZE``), then by
-DataLoader worker, so each sample is read exactly once. Workers read, decode and preprocess; the main
-process runs every profile's merged model on each batch (an image is decoded once, whatever the
-number of profiles) and writes one part file per shard.
+DataLoader worker, so each sample is read exactly once. Workers read, decode and preprocess, and an
+image is decoded once whatever the number of profiles. On a GPU the main process runs every profile's
+merged model on each batch while the workers decode the next ones. On the CPU each worker also runs
+the models on its own batches, one thread each: decoding and the model then share the cores without
+the model's threads and the workers' processes preempting each other (see benchmarks/score.py). The
+main process writes one part file per shard.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .writer import FIXED_COLUMNS, ShardRows, prepare_output, shard_done
 @dataclass(frozen=True)
 class ScoreConfig:
     batch_size: int = 256
-    workers: int = 4  # DataLoader worker processes (0: read in the main process)
+    workers: int | None = None  # DataLoader worker processes (0: read in the main process; None: default_workers())
     device: str = "auto"
     compile: bool = False
     overwrite: bool = False
@@ -53,6 +56,12 @@ def rank_and_world(cfg: ScoreConfig) -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise LaionfilterError(f"rank {rank} is not within world size {world}")
     return rank, world
+
+
+def default_workers() -> int:
+    """One worker per core this process may use, shared with the other processes of a torchrun launch."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def sample_row(sample: Sample, shard: str, pre: Preprocessor) -> tuple[dict[str, Any], torch.Tensor | None]:
@@ -100,19 +109,27 @@ def shard_batches(url: str, pre: Preprocessor, batch_size: int) -> Iterator[dict
 
 
 class ShardBatches(IterableDataset):
-    """This DataLoader worker's shards (every num_workers-th), batch by batch."""
+    """This DataLoader worker's shards (every num_workers-th), batch by batch.
 
-    def __init__(self, urls: list[str], preprocess: dict[str, Any], batch_size: int):
-        self.urls, self.preprocess, self.batch_size = urls, preprocess, batch_size
+    With ``models`` (CPU scoring), each batch is scored in the worker and carries its output
+    ``columns`` instead of pixels.
+    """
+
+    def __init__(self, urls: list[str], preprocess: dict[str, Any], batch_size: int,
+                 models: "MergedModels | None" = None):
+        self.urls, self.preprocess, self.batch_size, self.models = urls, preprocess, batch_size, models
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         mine = self.urls[info.id::info.num_workers] if info else self.urls
         if info:
-            torch.set_num_threads(1)  # decoding workers: one thread each, the cores are shared
+            torch.set_num_threads(1)  # one thread per worker process: the cores are shared
         pre = Preprocessor(self.preprocess)
         for url in mine:
-            yield from shard_batches(url, pre, self.batch_size)
+            for batch in shard_batches(url, pre, self.batch_size):
+                if self.models is not None and not batch["end"]:
+                    batch = {"url": url, "end": False, "n": len(batch["rows"]), "columns": self.models.rows(batch)}
+                yield batch
 
 
 class MergedModels:
@@ -233,8 +250,10 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
     elif todo:
         models = MergedModels(loaded, the_bank, device, cfg.compile)
         prof_names = models.names
-        workers = min(cfg.workers, len(todo))
-        loader = DataLoader(ShardBatches(todo, the_bank.manifest["architecture"]["preprocess"], cfg.batch_size),
+        workers = min(default_workers() if cfg.workers is None else cfg.workers, len(todo))
+        in_workers = models if device.type == "cpu" and workers else None  # forked workers share the weights
+        loader = DataLoader(ShardBatches(todo, the_bank.manifest["architecture"]["preprocess"], cfg.batch_size,
+                                         in_workers),
                             batch_size=None, collate_fn=_identity, num_workers=workers,
                             pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch if workers else None,
                             persistent_workers=False)
@@ -247,8 +266,12 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
                 add_stats(summary, rows.finish(out, fingerprint, batch["error"]))
                 del open_shards[url]
                 continue
-            rows.add(models.rows(batch))
-            bar.update(len(batch["rows"]))
+            if "columns" in batch:
+                rows.add(batch["columns"])
+                bar.update(batch["n"])
+            else:
+                rows.add(models.rows(batch))
+                bar.update(len(batch["rows"]))
         bar.close()
     summary["seconds"] = round(time.time() - started, 2)
     summary["images_per_second"] = round(summary["samples"] / summary["seconds"], 1) if summary["seconds"] else 0.0
