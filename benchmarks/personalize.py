@@ -78,7 +78,7 @@ def main() -> None:
     table = simulate_users(args.out / "data", args.users, args.images, args.seed)
     methods = default_methods(LearnConfig(steps=args.steps, device="cpu"))
     for a in filter(None, args.anchors.split(",")):
-        methods[f"anchored (adaptive, anchor {a})"] = LearnConfig(steps=args.steps, device="cpu", anchor=float(a))
+        methods[f"anchored {a}/N"] = LearnConfig(steps=args.steps, device="cpu", anchor=float(a))
     if args.methods:
         keep = [m.strip() for m in args.methods.split(";")]
         methods = {k: v for k, v in methods.items() if k in keep}

@@ -167,8 +167,9 @@ def _bank_option(f):
 @click.option("--steps", type=int, default=500)
 @click.option("--lr", type=float, default=1e-2, help="Start of the cosine schedule (ends at lr/10).")
 @click.option("--batch-size", type=int, default=32)
-@click.option("--anchor", type=float, default=0.0,
-              help="Beyond the paper: penalty keeping the coefficients near their start (0: the paper's recipe).")
+@click.option("--anchor", type=float,
+              help="Beyond the paper: a penalty (anchor / support size) keeping the coefficients near their start "
+                   "[default: 10]; 0 is the paper's recipe.")
 @click.option("--seed", type=int, default=0)
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, steps, lr, batch_size, anchor, seed,
@@ -184,7 +185,8 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     from .starter import resolve_bank
 
     cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, steps=steps,
-                      batch_size=batch_size, lr=lr, lr_end=lr / 10, seed=seed, device=device, anchor=anchor)
+                      batch_size=batch_size, lr=lr, lr_end=lr / 10, seed=seed, device=device,
+                      **({} if anchor is None else {"anchor": anchor}))
     for path in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards):
         m = load_profile(path).meta
         click.echo(f"{path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "

@@ -25,7 +25,7 @@ def users_table(tmp_path, ratings_csv):
 
 def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
     methods = {k: v for k, v in default_methods(LearnConfig(steps=2, device="cpu")).items()
-               if k in (ZERO_SHOT, BEST_SINGLE, "learned, adaptive init")}
+               if k in (ZERO_SHOT, BEST_SINGLE, "learned, adaptive init (the paper)")}
     result = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False)
     runs = result["runs"]
     assert {r["user"] for r in runs} == {"ann", "bob"} and len(runs) == 2 * 2 * 3
@@ -74,7 +74,7 @@ def test_cli_evaluate(users_table, small_bank, tmp_path):
                                  "--trials", "1", "--steps", "2", "--device", "cpu",
                                  "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
-    assert "| learned, adaptive init |" in r.output and "| MSE loss (adaptive) |" in r.output
+    assert "| learned, adaptive init (the paper) |" in r.output and "| MSE loss (adaptive) |" in r.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert len(data["runs"]) == 2 * len(data["methods"])
     assert (tmp_path / "p.png").stat().st_size > 1000

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
-from laionfilter.learn import LearnConfig, Merger, bradley_terry_loss, fit, init_coefficients
+from laionfilter.learn import LearnConfig, Merger, anchor_penalty, bradley_terry_loss, fit, init_coefficients
 from laionfilter.merge import merge_weights
 from laionfilter.model import eval_transform
 from laionfilter.profile import learn_profiles, load_profile
@@ -190,10 +190,30 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
 def test_recorded_start_is_the_initialisation_and_the_anchor_holds_alpha_near_it(small_bank, ratings_csv):
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture))[0]
     merger = Merger(small_bank, torch.device("cpu"))
-    free = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3))
+    free = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3, anchor=0.0))
     expect = init_coefficients(free["zero_shot_srocc"], 60)
     assert torch.equal(free["alpha_init"], expect)  # not moved along by the optimizer
     assert not torch.equal(free["alpha"], expect)
     held = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3, anchor=100.0))
     moved = lambda r: (r["alpha"] - r["alpha_init"]).abs().mean().item()
     assert moved(held) < 0.5 * moved(free)
+
+
+def test_anchor_penalty_is_anchor_over_support_size_times_the_summed_layer_mean():
+    start = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
+    alpha = torch.tensor([[0.5, 1.5, 0.5], [0.5, 0.5, -0.5]])  # one layer of each task moved by 1
+    # Σ_i mean_l: task 0 → 1/3, task 1 → 1/3; times anchor / N = 10 / 20.
+    assert anchor_penalty(alpha, start, 10.0, 20).item() == pytest.approx(0.5 * 2 / 3)
+    assert anchor_penalty(alpha, start, 10.0, 200).item() == pytest.approx(0.05 * 2 / 3)
+    agnostic = anchor_penalty(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]), 10.0, 10)
+    assert agnostic.item() == pytest.approx(0.5)
+
+
+def test_the_default_recipe_is_anchored_and_anchor_zero_is_the_papers(small_bank, ratings_csv):
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture))[0]
+    merger = Merger(small_bank, torch.device("cpu"))
+    assert LearnConfig().anchor > 0
+    moved = lambda r: (r["alpha"] - r["alpha_init"]).abs().mean().item()
+    paper = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3, anchor=0.0))
+    default = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3))
+    assert moved(default) < moved(paper)
