@@ -130,6 +130,16 @@ def end_to_end(urls, profiles, bank, out: Path, batch: int, workers: int) -> flo
     return s["samples"] / s["seconds"]
 
 
+def median_of(runs: int, measure) -> float:
+    return float(np.median([measure() for _ in range(runs)]))
+
+
+def seconds(work) -> float:
+    t = time.perf_counter()
+    work()
+    return time.perf_counter() - t
+
+
 def rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -145,22 +155,20 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lf-bench-"))
     print(f"threads: torch {torch.get_num_threads()}, DataLoader workers {args.workers}, cores {os.cpu_count()}")
-    rows = []
     # (label, bank, shards, images per shard, batch, repeats): a run of the tiny model takes seconds and
     # varies by ±10 % here, so each of its three rates is the median of 3 runs.
     setups = [("tiny (starter bank, 64 px)", resolve_bank("starter"), 8, 256, 256, 3)]
     if not args.skip_vit_b:
         setups.append(("ViT-B-16 random (224 px)", vit_b_bank(tmp / "vitb"), 4, 48, 32, 1))
-    for label, bank, n_shards, per_shard, batch, repeats in setups:
-        urls = make_shards(tmp / f"shards-{len(rows)}", n_shards, per_shard, 256)
+    for n, (label, bank, n_shards, per_shard, batch, repeats) in enumerate(setups):
+        urls = make_shards(tmp / f"shards-{n}", n_shards, per_shard, 256)
         [prof] = profiles_for(bank, 1, tmp)
         preprocess = bank.manifest["architecture"]["preprocess"]
         pixels = decoded_pixels(urls, preprocess, batch)
-        dec = float(np.median([decode_only(urls, preprocess, batch, args.workers) for _ in range(repeats)]))
-        mod = float(np.median([model_only(bank, prof, pixels, batch) for _ in range(repeats)]))
-        e2e = float(np.median([end_to_end(urls, [prof], bank, tmp / "out", batch, args.workers) for _ in range(repeats)]))
+        dec = median_of(repeats, lambda: decode_only(urls, preprocess, batch, args.workers))
+        mod = median_of(repeats, lambda: model_only(bank, prof, pixels, batch))
+        e2e = median_of(repeats, lambda: end_to_end(urls, [prof], bank, tmp / "out", batch, args.workers))
         bound = 1 / (1 / mod + 1 / dec)
-        rows.append((label, mod, dec, e2e, bound))
         print(f"{label}, {len(pixels)} images: model-only {mod:.3g} img/s, decode-only {dec:.3g} img/s, "
               f"end-to-end {e2e:.3g} img/s, serial bound {bound:.3g} img/s, end-to-end / bound = {e2e / bound:.2f}")
 
@@ -168,20 +176,12 @@ def main() -> None:
     urls = make_shards(tmp / "shards-k", 8, 160, 256, seed=1)
     # Single runs vary by ±10 % here, so the one-pass time and the decoding time are medians of 3;
     # the K separate passes are K runs already.
-    decode_s = float(np.median([1280 / decode_only(urls, bank.manifest["architecture"]["preprocess"], 256, args.workers)
-                                for _ in range(3)]))
+    decode_s = median_of(3, lambda: 1280 / decode_only(urls, bank.manifest["architecture"]["preprocess"], 256,
+                                                       args.workers))
     for k in (1, 4, 8):
         profs = profiles_for(bank, k, tmp / f"k{k}")
-        runs = []
-        for r in range(3):
-            t = time.perf_counter()
-            end_to_end(urls, profs, bank, tmp / f"one{k}-{r}", 256, args.workers)
-            runs.append(time.perf_counter() - t)
-        one_s = float(np.median(runs))
-        t = time.perf_counter()
-        for p in profs:
-            end_to_end(urls, [p], bank, tmp / f"sep{k}-{p.stem}", 256, args.workers)
-        sep_s = time.perf_counter() - t
+        one_s = median_of(3, lambda: seconds(lambda: end_to_end(urls, profs, bank, tmp / f"one{k}", 256, args.workers)))
+        sep_s = seconds(lambda: [end_to_end(urls, [p], bank, tmp / f"sep{k}-{p.stem}", 256, args.workers) for p in profs])
         print(f"K={k}: one pass {one_s:.2f} s, {k} passes {sep_s:.2f} s (ratio {sep_s / one_s:.2f}); saved "
               f"{sep_s - one_s:.2f} s against {(k - 1) * decode_s:.2f} s of repeated decoding ({k - 1} × {decode_s:.2f} s)")
 

@@ -19,9 +19,8 @@ from torch.utils.data import Dataset, IterableDataset
 
 from .errors import LaionfilterError
 from .images import ImageDecodeError
-from .tables import read_table, require_columns, resolve_path
-
 from .reader import IMAGE_EXTS
+from .tables import read_table, require_columns, resolve_path
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ class ShardScorer:
     """A Ray actor: merged models built once, then one shard per call."""
 
     def __init__(self, profile_paths: list[str], bank_path: str, device: str, batch_size: int, out: str,
-                 fingerprint: str, compile: bool = False, fault_file: str | None = None, chunk: int | None = None):
+                 fingerprint: str, compile: bool = False, fault_file: str | None = None, cpu_chunk: int | None = None):
         import torch
 
         from .bank import load_bank
@@ -36,7 +36,7 @@ class ShardScorer:
         dev = pick_device(device)
         if dev.type == "cuda" and torch.cuda.device_count():
             dev = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
-        self.models = MergedModels(loaded, bank, dev, compile, chunk)
+        self.models = MergedModels(loaded, bank, dev, compile, cpu_chunk)
         self.pre = Preprocessor(bank.manifest["architecture"]["preprocess"])
         self.batch_size, self.out, self.fingerprint, self.fault_file = batch_size, Path(out), fingerprint, fault_file
 
@@ -80,8 +80,8 @@ def score_with_ray(todo: list[str], profile_paths: list[Path], bank_path: Path, 
     actor = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=-1, max_task_retries=3)(ShardScorer)
     fault = os.environ.get("LAIONFILTER_FAULT_ONCE")
     actors = [actor.remote([str(p) for p in profile_paths], str(bank_path), "cuda" if use_gpu else "cpu",
-                           cfg.batch_size, str(out), fingerprint, cfg.compile, fault,
-                           None if use_gpu else cfg.cpu_chunk) for _ in range(n)]
+                           cfg.batch_size, str(out), fingerprint, cfg.compile, fault, cfg.cpu_chunk)
+              for _ in range(n)]
     bar = tqdm(total=len(todo), desc=f"score on Ray ({n} actors)", unit="shard", disable=not progress)
     images = 0
     for stats in ActorPool(actors).map_unordered(lambda a, url: a.score.remote(url), todo):

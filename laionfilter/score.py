@@ -26,7 +26,7 @@ from .errors import LaionfilterError
 from .images import ImageDecodeError, Preprocessor, decode
 from .log import note
 from .profile import Profile, load_profile
-from .reader import Sample, ShardEnd, read_shard, shard_name
+from .reader import IMAGE_EXTS, Sample, ShardEnd, read_shard, shard_name
 from .safefiles import file_sha256
 from .shards import expand_shards
 from .writer import FIXED_COLUMNS, ShardRows, prepare_output, shard_done
@@ -75,7 +75,7 @@ def sample_row(sample: Sample, shard: str, pre: Preprocessor) -> tuple[dict[str,
     image = sample.image
     if image is None:
         other = sorted(e for e in sample.files if not e.startswith("__"))
-        row["status"], row["error"] = "no_image", f"no jpg/jpeg/png/webp in sample (has: {', '.join(other) or 'nothing'})"
+        row["status"], row["error"] = "no_image", f"no {'/'.join(IMAGE_EXTS)} in sample (has: {', '.join(other) or 'nothing'})"
         return row, None
     try:
         pixels = decode(image[1])
@@ -131,7 +131,7 @@ class ShardBatches(IterableDataset):
         for url in mine:
             for batch in shard_batches(url, pre, self.batch_size):
                 if self.models is not None and not batch["end"]:
-                    batch = {"url": url, "end": False, "n": len(batch["rows"]), "columns": self.models.rows(batch)}
+                    batch = {"url": url, "end": False, "columns": self.models.rows(batch)}
                 yield batch
 
 
@@ -139,10 +139,11 @@ class MergedModels:
     """Every profile's merged model, materialised once, in inference mode on one device."""
 
     def __init__(self, profiles: list[tuple[Path, Profile]], bank: Bank, device: torch.device, compile: bool = False,
-                 chunk: int | None = None):
+                 cpu_chunk: int | None = None):
         from .model import autocast
 
-        self.device, self._autocast, self.chunk = device, autocast, chunk  # chunk: images per forward (None: all)
+        self.device, self._autocast = device, autocast
+        self.chunk = cpu_chunk if device.type == "cpu" else None  # images per forward; None: the whole batch
         self.models = []
         for _, prof in profiles:
             m = prof.model(bank).to(device).eval()
@@ -253,7 +254,7 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
         score_with_ray(local, [f.resolve() for f, _ in loaded], the_bank.path.resolve(), out.resolve(), fingerprint,
                        cfg, summary, progress)
     elif todo:
-        models = MergedModels(loaded, the_bank, device, cfg.compile, cfg.cpu_chunk if device.type == "cpu" else None)
+        models = MergedModels(loaded, the_bank, device, cfg.compile, cfg.cpu_chunk)
         prof_names = models.names
         workers = min(default_workers() if cfg.workers is None else cfg.workers, len(todo))
         in_workers = models if device.type == "cpu" and workers else None  # forked workers share the weights
@@ -271,12 +272,9 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
                 add_stats(summary, rows.finish(out, fingerprint, batch["error"]))
                 del open_shards[url]
                 continue
-            if "columns" in batch:
-                rows.add(batch["columns"])
-                bar.update(batch["n"])
-            else:
-                rows.add(models.rows(batch))
-                bar.update(len(batch["rows"]))
+            columns = batch["columns"] if "columns" in batch else models.rows(batch)
+            rows.add(columns)
+            bar.update(len(columns["key"]))
         bar.close()
     summary["seconds"] = round(time.time() - started, 2)
     summary["images_per_second"] = round(summary["samples"] / summary["seconds"], 1) if summary["seconds"] else 0.0

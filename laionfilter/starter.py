@@ -306,7 +306,7 @@ def pretrain_base(cfg: StarterConfig, out: Path, progress: bool = True) -> Path:
     from .model import eval_transform
 
     transform = eval_transform(arch)
-    size = Preprocessor(arch.preprocess).size[0]
+    size = transform.size[0]
     images, stats, quality = _pretrain_set(cfg, size)
     x_all = torch.stack([transform(im) for im in images])
     s_all, q_all = torch.from_numpy(stats), torch.from_numpy(quality)
