@@ -23,7 +23,8 @@ import numpy as np
 from laionfilter.evaluate import default_methods, evaluate, markdown_table, plot_per_user
 from laionfilter.learn import LearnConfig
 from laionfilter.safefiles import write_json
-from laionfilter.starter import GREY, PHOTOS, degrade, load_photo, random_crop, resolve_bank
+from laionfilter.bank import resolve_bank
+from laionfilter.starter import GREY, PHOTOS, degrade, load_photo, random_crop
 
 COVERED = ["sharpness", "noise", "exposure", "colourfulness", "contrast", "warmth"]
 

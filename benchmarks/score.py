@@ -33,7 +33,8 @@ from laionfilter.bank import build_bank
 from laionfilter.finetune import FinetuneConfig, StageConfig, finetune
 from laionfilter.profile import Profile, PROFILE_FORMAT
 from laionfilter.score import ScoreConfig, ShardBatches, default_workers, score_shards
-from laionfilter.starter import PHOTOS, load_photo, random_crop, resolve_bank
+from laionfilter.bank import resolve_bank
+from laionfilter.starter import PHOTOS, load_photo, random_crop
 
 
 def make_shards(root: Path, shards: int, per_shard: int, size: int, seed: int = 0) -> list[str]:

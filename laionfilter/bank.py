@@ -18,8 +18,9 @@ import torch
 
 from . import __version__
 from .errors import LaionfilterError
+from .names import check_distinct, check_name
 from .finetune import TASK_FORMAT
-from .model import Architecture, ScoreModel, build_architecture, layer_names, load_base, load_state, model_state
+from .model import Architecture, BaseSpec, ScoreModel, build_architecture, layer_names, load_base, load_state, model_state
 from .safefiles import file_sha256, read_json, read_metadata, read_safetensors, state_fingerprint, write_json, write_safetensors
 
 BANK_FORMAT = "laionfilter.bank/1"
@@ -111,6 +112,8 @@ def load_bank(path: str | os.PathLike, verify: bool = True) -> Bank:
     tensors, _ = read_safetensors(weights, what="bank weights")
     if verify and _fingerprint(weights, manifest) != manifest.get("fingerprint"):
         raise LaionfilterError(f"{path}: content does not match the manifest's fingerprint (modified or corrupt)")
+    for t in manifest["tasks"]:
+        check_name(t.get("name"), "task name", path / "manifest.json")
     n = len(manifest["tasks"])
     pre, tau = {}, {}
     for layer, shape in zip(manifest["layers"], manifest["shapes"]):
@@ -121,6 +124,74 @@ def load_bank(path: str | os.PathLike, verify: bool = True) -> Bank:
                 raise LaionfilterError(f"{weights}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {want}")
             store[layer] = tensors[key]
     return Bank(path, manifest, pre, tau)
+
+
+SHIPPED = Path(__file__).parent / "data" / "starter-bank"
+
+
+def default_cache() -> Path:
+    root = os.environ.get("LAIONFILTER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "laionfilter")
+    return Path(root)
+
+
+def _starter_path() -> Path | None:
+    """Where ``starter`` points: ``$LAIONFILTER_BANK``, else the bank shipped in the package, else the cache."""
+    env = os.environ.get("LAIONFILTER_BANK")
+    if env and env != "starter":
+        return Path(env)
+    if (SHIPPED / "manifest.json").exists():
+        return SHIPPED
+    cache = default_cache() / "starter-bank"
+    return cache if (cache / "manifest.json").exists() else None
+
+
+def resolve_bank(spec: str | os.PathLike | None = "starter", progress: bool = True) -> Bank:
+    """A bank from a folder, or ``starter``: ``$LAIONFILTER_BANK`` if set, else the bank shipped in the
+    package (4 MiB, fp16), else one built once into the cache."""
+    spec = str(spec) if spec is not None else "starter"
+    if spec != "starter":
+        return load_bank(spec)
+    path = _starter_path()
+    if path is None:
+        from .starter import build_starter  # training code, only when the package ships no bank
+        from .log import note
+
+        path = default_cache() / "starter-bank"
+        note(f"building the starter bank into {path} (once; a few minutes on 2 CPU cores)")
+        build_starter(path, progress=progress, workdir=default_cache() / "starter-work")
+    return load_bank(path)
+
+
+def _manifest_fingerprint(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def find_bank(want: dict[str, Any], source: str | os.PathLike, bank: str | os.PathLike | None = None) -> Bank:
+    """The bank a profile was learned on, found by its fingerprint, not by where it lay at learn time.
+
+    ``want`` is the profile's ``bank`` record (fingerprint, path, tasks). An explicit ``bank`` must match
+    it; otherwise the recorded path is tried, then the starter bank wherever this package is installed.
+    """
+    fingerprint = want["fingerprint"]
+    tasks = ", ".join(want.get("tasks") or []) or "tasks not recorded"
+    hint = f"it wants bank {fingerprint[:16]} ({tasks}; learned on {want.get('path')})"
+    if bank is not None:
+        found = resolve_bank(bank)
+        if found.fingerprint != fingerprint:
+            raise LaionfilterError(f"{source}: {hint}, not {found.path} ({found.fingerprint[:16]}); "
+                                   "pass --bank with the bank it was learned on")
+        return found
+    recorded = Path(want["path"]) if want.get("path") else None
+    candidates = [c for c in (recorded, _starter_path()) if c is not None]
+    for c in candidates:
+        if _manifest_fingerprint(c) == fingerprint:
+            return load_bank(c)
+    raise LaionfilterError(f"{source}: {hint}; it is not at {recorded} (moved?) and is not the starter bank: "
+                           "pass --bank FOLDER with that bank")
 
 
 def _read_task(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -150,9 +221,8 @@ def build_bank(tasks: list[str | os.PathLike], out: str | os.PathLike, base: str
                 f"than {paths[0]} ({first['base']['spec']}, {first['base']['fingerprint'][:12]}); "
                 "task vectors only combine when every task starts from the same θ_pre"
             )
-    names = [m["name"] for m in metas]
-    if len(set(names)) != len(names):
-        raise LaionfilterError(f"task names repeat: {names}; give each task a distinct --name when fine-tuning")
+    names = [check_name(m.get("name"), "task name", p) for p, m in zip(paths, metas)]
+    check_distinct(names, "task names (give each task a distinct --name when fine-tuning)")
     arch = Architecture.from_json(first["architecture"])
     _, base_model = load_base(base or first["base"]["spec"], arch.head)
     pre = model_state(base_model)
@@ -197,6 +267,12 @@ def build_bank(tasks: list[str | os.PathLike], out: str | os.PathLike, base: str
     return load_bank(out)
 
 
+def base_label(spec: str) -> str:
+    """A base as it means something on any machine: a checkpoint by its file name, not the builder's folder."""
+    parsed = BaseSpec.parse(spec)
+    return f"{parsed.arch}:{Path(parsed.checkpoint).name}" if parsed.checkpoint else str(parsed)
+
+
 def bank_info(bank: Bank) -> dict[str, Any]:
     """What ``bank info`` shows, as plain data."""
     weights = bank.path / "weights.safetensors"
@@ -205,7 +281,8 @@ def bank_info(bank: Bank) -> dict[str, Any]:
         "path": str(bank.path),
         "fingerprint": bank.fingerprint,
         "architecture": bank.manifest["architecture"]["name"],
-        "base": bank.manifest["base"]["spec"],
+        "base": base_label(bank.manifest["base"]["spec"]),
+        "base_fingerprint": bank.manifest["base"]["fingerprint"],
         "n": bank.n,
         "L": len(bank.layers),
         "parameters_per_model": params,

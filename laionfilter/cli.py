@@ -8,6 +8,7 @@ import os
 import click
 
 from .errors import LaionfilterError
+from .images import MAX_PIXELS
 
 
 def _echo_json(obj) -> None:
@@ -22,6 +23,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except LaionfilterError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full disk, a read-only folder, a file that vanished: one line naming it
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -34,7 +38,7 @@ def cli() -> None:
 @click.argument("database")
 @click.option("--base", help="θ_pre: ARCH, ARCH:PRETRAINED (open_clip tag) or ARCH:PATH.safetensors.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Task checkpoint to write (.safetensors).")
-@click.option("--job", type=click.Path(dir_okay=False), help="A jobs/finetune-*.toml file with the settings.")
+@click.option("--job", type=click.Path(exists=True, dir_okay=False), help="A jobs/finetune-*.toml file with the settings.")
 @click.option("--name", help="Task name (default: the database's file name).")
 @click.option("--scale", type=click.Choice(["1-10", "1-5"]), help="Score template: 1..10, or 0.5..5 for 1–5 databases.")
 @click.option("--score-range", nargs=2, type=float, help="Map raw scores LOW..HIGH linearly onto the template.")
@@ -94,8 +98,9 @@ def bank_build(tasks, out, base, dtype):
 
 
 @bank.command("starter")
-@click.option("--out", type=click.Path(file_okay=False), help="Bank folder (default: the cache, used by --bank starter).")
-@click.option("--job", type=click.Path(dir_okay=False), help="jobs/starter-bank.toml or a variant of it.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Bank folder to write; use it with --bank OUT (--bank starter is the bank shipped in the package).")
+@click.option("--job", type=click.Path(exists=True, dir_okay=False), help="jobs/starter-bank.toml or a variant of it.")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Where databases and task checkpoints go (default: OUT.work).")
 def bank_starter(out, job, workdir):
     """Build the starter bank offline from photos bundled in PyPI packages (a few minutes on 2 CPU cores).
@@ -104,10 +109,9 @@ def bank_starter(out, job, workdir):
     Example:
       laionfilter bank starter --job jobs/starter-bank.toml --out starter-bank/
     """
-    from .starter import StarterConfig, build_starter, default_cache, load_starter_job
+    from .starter import StarterConfig, build_starter, load_starter_job
 
     cfg = load_starter_job(job) if job else StarterConfig()
-    out = out or str(default_cache() / "starter-bank")
     b = build_starter(out, cfg, workdir=workdir)
     click.echo(f"{out}: starter bank with {b.n} tasks; see `laionfilter bank info {out}`")
 
@@ -124,7 +128,7 @@ def bank_info_cmd(bank_path, as_json, plot):
       laionfilter bank info starter --plot similarity.png
     """
     from .bank import bank_info, plot_similarity
-    from .starter import resolve_bank
+    from .bank import resolve_bank
 
     info = bank_info(resolve_bank(bank_path))
     if plot:
@@ -132,7 +136,8 @@ def bank_info_cmd(bank_path, as_json, plot):
     if as_json:
         _echo_json(info)
         return
-    click.echo(f"bank {info['path']}\n  architecture {info['architecture']} (base {info['base']})")
+    click.echo(f"bank {info['path']}\n  architecture {info['architecture']} (base {info['base']}, "
+               f"fingerprint {info['base_fingerprint'][:16]})")
     click.echo(f"  n = {info['n']} tasks, L = {info['L']} layers, {info['parameters_per_model']:,} parameters per model, "
                f"task vectors in {info['dtype']}, {info['size_bytes'] / 2**20:.1f} MiB")
     click.echo(f"  fingerprint {info['fingerprint']}\n")
@@ -148,9 +153,15 @@ def bank_info_cmd(bank_path, as_json, plot):
         click.echo(f"\n  similarity plot: {plot}")
 
 
+def _threads_option(f):
+    return click.option("--threads", type=int,
+                        help="CPU threads for learning (default: 1 for small models such as the starter bank's, "
+                             "which slow down sharply beside other busy processes; every core otherwise).")(f)
+
+
 def _bank_option(f):
     return click.option("--bank", "bank_path", default="starter", envvar="LAIONFILTER_BANK",
-                        help="Bank folder, or 'starter' (built once into the cache). Env: LAIONFILTER_BANK.")(f)
+                        help="Bank folder, or 'starter' (the bank shipped in the package). Env: LAIONFILTER_BANK.")(f)
 
 
 @cli.command()
@@ -172,8 +183,9 @@ def _bank_option(f):
                    "[default: 10]; 0 is the paper's recipe.")
 @click.option("--seed", type=int, default=0)
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@_threads_option
 def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, steps, lr, batch_size, anchor, seed,
-          device):
+          device, threads):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -182,12 +194,12 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     """
     from .learn import LearnConfig
     from .profile import learn_profiles, load_profile
-    from .starter import resolve_bank
+    from .bank import resolve_bank
 
     cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, steps=steps,
                       batch_size=batch_size, lr=lr, lr_end=lr / 10, seed=seed, device=device,
                       **({} if anchor is None else {"anchor": anchor}))
-    for path in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards):
+    for path in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
         m = load_profile(path).meta
         click.echo(f"{path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "
                    f"{m['support_srocc_after']:.3f} ({m['learn_seconds']:.0f} s)")
@@ -237,7 +249,8 @@ def inspect(profile_path, as_json, plot):
 @click.option("--device", default="auto")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every number to this JSON file.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Per-user results as a PNG.")
-def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plot):
+@_threads_option
+def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plot, threads):
     """Evaluate personalisation on a table of user, image, score (the paper's protocol, section 4.4).
 
     \b
@@ -249,7 +262,7 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
     from .evaluate import default_methods, evaluate as run, markdown_table, plot_per_user
     from .learn import LearnConfig
     from .safefiles import write_json
-    from .starter import resolve_bank
+    from .bank import resolve_bank
 
     try:
         ks = tuple(int(k) for k in shots.split(","))
@@ -257,7 +270,7 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
         raise click.BadParameter(f"{shots!r} is not a comma-separated list of integers", param_hint="--shots")
     methods = default_methods(LearnConfig(steps=steps, device=device))
     methods = {k: (replace(v, steps=0) if not isinstance(v, str) and "0 steps" in k else v) for k, v in methods.items()}
-    result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device)
+    result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device, threads=threads)
     click.echo(markdown_table(result))
     if json_out:
         write_json(json_out, result)
@@ -269,9 +282,11 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
 
 @cli.command()
 @click.argument("shards")
-@click.option("--profile", "profiles", multiple=True, required=True, type=click.Path(exists=True),
-              help="A profile file, or a folder of them; repeat for several users in one pass.")
-@click.option("--bank", "bank_path", envvar="LAIONFILTER_BANK", help="Bank folder or 'starter' (default: the profiles' own).")
+@click.option("--profile", "profiles", multiple=True, required=True, metavar="[NAME=]PATH",
+              help="A profile file, or a folder of them; repeat for several users in one pass. The score column "
+                   "is NAME, else the file's name (alice.profile → alice).")
+@click.option("--bank", "bank_path", envvar="LAIONFILTER_BANK",
+              help="Bank folder or 'starter' (default: the profiles' own, found by fingerprint).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Scores folder (Parquet dataset).")
 @click.option("--batch-size", type=int, default=256)
 @click.option("--workers", type=int, help="DataLoader worker processes reading and decoding (and, on the CPU, "
@@ -284,8 +299,12 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
 @click.option("--distributor", type=click.Choice(["local", "ray"]), default="local",
               help="local: this process; ray: one Ray task per shard on a cluster (pip install 'laionfilter[ray]').")
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: a local Ray instance.")
+@click.option("--max-pixels", type=int, default=MAX_PIXELS, help="Larger images get status 'bomb' and no score.")
+@click.option("--allow-pipe", is_flag=True, help="Run pipe: lines of a SHARDS list file (shell commands).")
+@click.option("--strict", is_flag=True, help="Exit 1 when any image could not be scored (default: only when a shard failed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def score(shards, profiles, bank_path, out, batch_size, workers, device, compile_, overwrite, rank, world_size,
-          distributor, ray_address):
+          distributor, ray_address, max_pixels, allow_pipe, strict, as_json):
     """Score WebDataset shards with one or more profiles into a resumable Parquet folder.
 
     SHARDS is a folder of .tar files, a glob, a brace pattern (shards/{00000..00099}.tar), a text
@@ -298,13 +317,19 @@ def score(shards, profiles, bank_path, out, batch_size, workers, device, compile
     from .score import ScoreConfig, score_shards
 
     cfg = ScoreConfig(batch_size=batch_size, workers=workers, device=device, compile=compile_, overwrite=overwrite,
-                      rank=rank, world_size=world_size, distributor=distributor, ray_address=ray_address)
+                      rank=rank, world_size=world_size, distributor=distributor, ray_address=ray_address,
+                      max_pixels=max_pixels, allow_pipe=allow_pipe)
     s = score_shards(shards, list(profiles), out, bank=bank_path, cfg=cfg)
-    click.echo(f"{out}: {s['done']} shard(s) done, {s['failed']} failed, {s['skipped']} skipped as already done; "
-               f"{s['scored']} images scored, {s['failed_samples']} not scored; {s['images_per_second']} images/s")
+    if as_json:
+        _echo_json(s)
+    else:
+        click.echo(f"{out}: {s['done']} shard(s) done, {s['failed']} failed, {s['skipped']} skipped as already done; "
+                   f"{s['scored']} images scored, {s['failed_samples']} not scored (see the status column); "
+                   f"{s['images_per_second']} images/s")
+        click.echo("  columns: " + ", ".join(f"{c} ← {p}" for c, p in s["columns"].items()))
     for f in s["failed_shards"]:
         click.echo(f"  failed: {f['shard']}: {f['error']}", err=True)
-    if s["failed"] or s["failed_samples"]:
+    if s["failed"] or (strict and s["failed_samples"]):
         raise SystemExit(1)
 
 
@@ -367,8 +392,13 @@ def select(scores, profile, top, min_score, percentile, where, join, on, all_sta
 @click.argument("sql")
 @_with(_join_options[:1])
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the result (.parquet or .csv) instead of printing it.")
-def query(scores, sql, join, out):
+@click.option("--unsafe", is_flag=True,
+              help="Let the SQL read and write other files and load extensions (for your own trusted SQL only).")
+def query(scores, sql, join, out, unsafe):
     """Run DuckDB SQL over the scores (the view 'scores', and 'meta' with --join).
+
+    The SQL sees only those views: it cannot read or write other files or load extensions unless
+    --unsafe is given. Write results with --out.
 
     \b
     Example:
@@ -376,7 +406,7 @@ def query(scores, sql, join, out):
     """
     from .query import query as run, write_table
 
-    t = run(scores, sql, join=join)
+    t = run(scores, sql, join=join, unsafe=unsafe)
     if out:
         write_table(t, out)
         click.echo(f"{out}: {t.num_rows} rows")
@@ -389,7 +419,8 @@ def query(scores, sql, join, out):
 @click.option("--shards", required=True, help="The shards the subset was scored from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the new shards.")
 @click.option("--maxcount", type=int, default=10000, help="Samples per output shard.")
-def reshard(subset, shards, out, maxcount):
+@click.option("--allow-pipe", is_flag=True, help="Run pipe: lines of a --shards list file (shell commands).")
+def reshard(subset, shards, out, maxcount, allow_pipe):
     """Copy a subset's samples (image, json, txt: bytes untouched) from local shards into new shards.
 
     \b
@@ -398,7 +429,7 @@ def reshard(subset, shards, out, maxcount):
     """
     from .export import reshard as run
 
-    r = run(subset, shards, out, maxcount=maxcount)
+    r = run(subset, shards, out, maxcount=maxcount, allow_pipe=allow_pipe)
     click.echo(f"{out}: {r['copied']} samples copied, {r['missing']} not found in the shards")
     if r["missing"]:
         raise SystemExit(1)
@@ -432,6 +463,8 @@ def fetch(subset, out, image_size, processes, threads, options):
             extra[key] = value  # a bare string such as keep_ratio
     r = run(subset, out, image_size=image_size, processes_count=processes, thread_count=threads, **extra)
     click.echo(f"{out}: {r['downloaded']} of {r['requested']} images downloaded, {r['failed']} failed")
+    if r["requested"] and not r["downloaded"]:
+        raise click.ClickException(f"nothing was downloaded; img2dataset's reasons are in {out}/*_stats.json")
 
 
 @cli.command()
@@ -462,7 +495,8 @@ def guidance(scores, profiles, out, top, bottom, pairs, margin, group_by, seed):
 @cli.command()
 @click.option("--out", default="laionfilter-demo", type=click.Path(file_okay=False), help="Folder for everything it makes.")
 @click.option("--steps", type=int, default=500, help="Learning steps (the paper's 500).")
-def demo(out, steps):
+@click.option("--overwrite", is_flag=True, help="Replace a previous demo's outputs in OUT.")
+def demo(out, steps, overwrite):
     """Run learn → score → select → guidance → DuckDB on the starter bank and bundled examples.
 
     \b
@@ -471,7 +505,7 @@ def demo(out, steps):
     """
     from .demo import run_demo
 
-    run_demo(out, steps=steps, echo=click.echo)
+    run_demo(out, steps=steps, echo=click.echo, overwrite=overwrite)
     click.echo(f"\neverything is in {out}/")
 
 

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import LaionfilterError
+
 EXAMPLE = Path(__file__).parent / "data" / "example"
 TASTE = {"exposure": 0.4, "warmth": 0.3, "sharpness": 0.3}  # alice's hidden taste, for the record
 
@@ -76,18 +78,23 @@ def write_example_shards(folder: Path, shards: int = 4, per_shard: int = 48, see
     return folder
 
 
-def run_demo(out: str | Path, steps: int = 500, echo: Callable[[str], Any] = print, progress: bool = True) -> dict[str, Path]:
+def run_demo(out: str | Path, steps: int = 500, echo: Callable[[str], Any] = print, progress: bool = True,
+             overwrite: bool = False) -> dict[str, Path]:
     from .guidance import guidance_sets
     from .learn import LearnConfig
     from .profile import learn_profiles, load_profile
     from .query import query, select, write_table
     from .score import ScoreConfig, score_shards
-    from .starter import resolve_bank
+    from .bank import resolve_bank
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"ratings": out / "ratings" / "ratings.csv", "shards": out / "shards", "profile": out / "alice.profile",
              "scores": out / "scores.parquet", "subset": out / "alice-top20.parquet", "guidance": out / "guidance"}
+    made = [p for k, p in paths.items() if k != "ratings" and p.exists()]
+    if made and not overwrite:  # refuse before replacing anything
+        raise LaionfilterError(f"{out}: holds a previous demo's outputs ({', '.join(p.name for p in made)}); "
+                               "rerun with --overwrite to replace them, or give another --out")
+    out.mkdir(parents=True, exist_ok=True)
     if not paths["ratings"].exists():
         shutil.copytree(EXAMPLE, out / "ratings", dirs_exist_ok=True)
     echo(f"1. example ratings (36 images, 1–5 stars): {paths['ratings']}")
@@ -99,8 +106,10 @@ def run_demo(out: str | Path, steps: int = 500, echo: Callable[[str], Any] = pri
     echo(f"3. learned alice's profile ({steps} steps; support SROCC {m['support_srocc_before']:.2f} → "
          f"{m['support_srocc_after']:.2f}): {paths['profile']}")
     s = score_shards(str(paths["shards"]), [paths["profile"]], paths["scores"], bank=bank,
-                     cfg=ScoreConfig(workers=2, batch_size=64), progress=progress)
+                     cfg=ScoreConfig(workers=2, batch_size=64, overwrite=overwrite), progress=progress)
     echo(f"4. scored {s['scored']} images in {s['done'] + s['skipped']} shards: {paths['scores']}")
+    echo("   (scores are on the bank's 1–10 scale, not alice's 1–5 stars: they rank images for her, and "
+         "are not yet calibrated to her stars)")
     write_table(select(paths["scores"], "alice", top=20), paths["subset"])
     echo(f"5. alice's top 20, ready for img2dataset (url, caption): {paths['subset']}")
     g = guidance_sets(paths["scores"], paths["guidance"], ["alice"], top=20, bottom=20, pairs=100, margin=1.0)

@@ -21,23 +21,24 @@ from .errors import LaionfilterError
 class ShardScorer:
     """A Ray actor: merged models built once, then one shard per call."""
 
-    def __init__(self, profile_paths: list[str], bank_path: str, device: str, batch_size: int, out: str,
-                 fingerprint: str, compile: bool = False, fault_file: str | None = None, cpu_chunk: int | None = None):
+    def __init__(self, profiles: list[tuple[str, str]], bank_path: str, device: str, batch_size: int, out: str,
+                 fingerprint: str, compile: bool = False, fault_file: str | None = None, cpu_chunk: int | None = None,
+                 max_pixels: int | None = None):
         import torch
 
         from .bank import load_bank
-        from .images import Preprocessor
+        from .images import MAX_PIXELS, Preprocessor
         from .model import pick_device
         from .profile import load_profile
         from .score import MergedModels
 
         bank = load_bank(bank_path)
-        loaded = [(Path(p), load_profile(p)) for p in profile_paths]
+        loaded = [(column, load_profile(p)) for column, p in profiles]
         dev = pick_device(device)
         if dev.type == "cuda" and torch.cuda.device_count():
             dev = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         self.models = MergedModels(loaded, bank, dev, compile, cpu_chunk)
-        self.pre = Preprocessor(bank.manifest["architecture"]["preprocess"])
+        self.pre = Preprocessor(bank.manifest["architecture"]["preprocess"], max_pixels or MAX_PIXELS)
         self.batch_size, self.out, self.fingerprint, self.fault_file = batch_size, Path(out), fingerprint, fault_file
 
     def score(self, url: str) -> dict[str, Any]:
@@ -59,7 +60,7 @@ class ShardScorer:
         return os.getpid()
 
 
-def score_with_ray(todo: list[str], profile_paths: list[Path], bank_path: Path, out: Path, fingerprint: str,
+def score_with_ray(todo: list[str], profiles: list[tuple[str, Path]], bank_path: Path, out: Path, fingerprint: str,
                    cfg, summary: dict[str, Any], progress: bool = True) -> None:
     """Score the shards in ``todo`` on a Ray cluster, counting finished shards into ``summary``."""
     try:
@@ -79,8 +80,8 @@ def score_with_ray(todo: list[str], profile_paths: list[Path], bank_path: Path, 
     n = max(1, min(len(todo), cfg.ray_actors or slots))
     actor = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=-1, max_task_retries=3)(ShardScorer)
     fault = os.environ.get("LAIONFILTER_FAULT_ONCE")
-    actors = [actor.remote([str(p) for p in profile_paths], str(bank_path), "cuda" if use_gpu else "cpu",
-                           cfg.batch_size, str(out), fingerprint, cfg.compile, fault, cfg.cpu_chunk)
+    actors = [actor.remote([(c, str(p)) for c, p in profiles], str(bank_path), "cuda" if use_gpu else "cpu",
+                           cfg.batch_size, str(out), fingerprint, cfg.compile, fault, cfg.cpu_chunk, cfg.max_pixels)
               for _ in range(n)]
     bar = tqdm(total=len(todo), desc=f"score on Ray ({n} actors)", unit="shard", disable=not progress)
     images = 0

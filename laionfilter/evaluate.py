@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .bank import Bank
 from .errors import LaionfilterError
-from .learn import LearnConfig, Merger, fit
+from .learn import LearnConfig, Merger, fit, learning_threads
 from .log import note
 from .metrics import srocc
 from .model import eval_transform, pick_device
@@ -50,52 +50,56 @@ def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
 
 def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10, 100), trials: int = 10,
              methods: dict[str, LearnConfig | str] | None = None, seed: int = 0, device: str = "auto",
-             progress: bool = True, min_test: int = 10) -> dict[str, Any]:
+             progress: bool = True, min_test: int = 10, threads: int | None = None) -> dict[str, Any]:
     """Run the protocol; returns every number (per user, trial, K and method) plus the summary."""
     dev = pick_device(device)
-    methods = methods or default_methods(LearnConfig(device=str(dev)))
-    supports = read_ratings(table, eval_transform(bank.architecture))
-    merger = Merger(bank, dev)
-    runs: list[dict[str, Any]] = []
-    total = sum(1 for s in supports for k in shots if len(s.scores) - k >= min_test) * trials * len(methods)
-    bar = tqdm(total=total, desc="evaluate", unit="fit", disable=not progress)
-    for u_index, sup in enumerate(supports):
-        task_preds = merger.task_predictions(sup.pixels)  # [n, N], shared by every split and method
-        n_img = len(sup.scores)
-        for k in shots:
-            if n_img - k < min_test:
-                note(f"user {sup.user!r}: {n_img} images, too few for {k} shots plus {min_test} test images; skipped")
-                continue
-            for trial in range(trials):
-                rng = np.random.default_rng([seed, u_index, k, trial])
-                perm = rng.permutation(n_img)
-                sup_idx, test_idx = np.sort(perm[:k]), np.sort(perm[k:])
-                y_sup, y_test = sup.scores[sup_idx], sup.scores[test_idx]
-                if len(set(y_sup.tolist())) < 2:
-                    note(f"user {sup.user!r} trial {trial}: {k} support images with a single score; skipped")
-                    bar.update(len(methods))
+    with learning_threads(bank, threads):
+        methods = methods or default_methods(LearnConfig(device=str(dev)))
+        supports = read_ratings(table, eval_transform(bank.architecture))
+        merger = Merger(bank, dev)
+        runs: list[dict[str, Any]] = []
+        # The bar counts learning steps (a baseline or a 0-step fit counts one), so it moves during a fit.
+        cost = {name: (max(1, m.steps) if isinstance(m, LearnConfig) else 1) for name, m in methods.items()}
+        total = sum(1 for s in supports for k in shots if len(s.scores) - k >= min_test) * trials * sum(cost.values())
+        bar = tqdm(total=total, desc="evaluate", unit="step", disable=not progress)
+        for u_index, sup in enumerate(supports):
+            task_preds = merger.task_predictions(sup.pixels)  # [n, N], shared by every split and method
+            n_img = len(sup.scores)
+            for k in shots:
+                if n_img - k < min_test:
+                    note(f"user {sup.user!r}: {n_img} images, too few for {k} shots plus {min_test} test images; skipped")
                     continue
-                zs = [srocc(y_sup, p[sup_idx]) for p in task_preds]
-                trial_seed = int(rng.integers(2**31))  # one batch order for every method in this split
-                for name, method in methods.items():
-                    if method == ZERO_SHOT:
-                        pred = task_preds[:, test_idx].mean(axis=0)
-                    elif method == BEST_SINGLE:
-                        pred = task_preds[int(np.argmax(zs)), test_idx]
-                    else:
-                        r = fit(merger, sup.pixels[sup_idx], y_sup, replace(method, seed=trial_seed),
-                                task_preds=task_preds[:, sup_idx])
-                        pred = merger.predict(r["alpha"], sup.pixels[test_idx])
-                    runs.append({"user": sup.user, "shots": k, "trial": trial, "method": name,
-                                 "srocc": srocc(y_test, pred)})
-                    bar.update(1)
-    bar.close()
-    if not runs:
-        raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
-    return {"table": str(table), "bank": {"path": str(bank.path), "fingerprint": bank.fingerprint},
-            "shots": list(shots), "trials": trials, "seed": seed,
-            "methods": {k: (v if isinstance(v, str) else asdict(v)) for k, v in methods.items()},
-            "summary": summarise(runs), "runs": runs}
+                for trial in range(trials):
+                    rng = np.random.default_rng([seed, u_index, k, trial])
+                    perm = rng.permutation(n_img)
+                    sup_idx, test_idx = np.sort(perm[:k]), np.sort(perm[k:])
+                    y_sup, y_test = sup.scores[sup_idx], sup.scores[test_idx]
+                    if len(set(y_sup.tolist())) < 2:
+                        note(f"user {sup.user!r} trial {trial}: {k} support images with a single score; skipped")
+                        bar.update(sum(cost.values()))
+                        continue
+                    zs = [srocc(y_sup, p[sup_idx]) for p in task_preds]
+                    trial_seed = int(rng.integers(2**31))  # one batch order for every method in this split
+                    for name, method in methods.items():
+                        if method == ZERO_SHOT:
+                            pred = task_preds[:, test_idx].mean(axis=0)
+                        elif method == BEST_SINGLE:
+                            pred = task_preds[int(np.argmax(zs)), test_idx]
+                        else:
+                            r = fit(merger, sup.pixels[sup_idx], y_sup, replace(method, seed=trial_seed),
+                                    task_preds=task_preds[:, sup_idx], on_step=lambda: bar.update(1))
+                            pred = merger.predict(r["alpha"], sup.pixels[test_idx])
+                        runs.append({"user": sup.user, "shots": k, "trial": trial, "method": name,
+                                     "srocc": srocc(y_test, pred)})
+                        if not isinstance(method, LearnConfig) or not method.steps:
+                            bar.update(1)
+        bar.close()
+        if not runs:
+            raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
+        return {"table": str(table), "bank": {"path": str(bank.path), "fingerprint": bank.fingerprint},
+                "shots": list(shots), "trials": trials, "seed": seed,
+                "methods": {k: (v if isinstance(v, str) else asdict(v)) for k, v in methods.items()},
+                "summary": summarise(runs), "runs": runs}
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

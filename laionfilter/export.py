@@ -16,7 +16,8 @@ from .shards import expand_shards
 from .tables import read_table, require_columns
 
 
-def reshard(subset: str | os.PathLike, shards: str, out: str | os.PathLike, maxcount: int = 10000) -> dict[str, Any]:
+def reshard(subset: str | os.PathLike, shards: str, out: str | os.PathLike, maxcount: int = 10000,
+            allow_pipe: bool = False) -> dict[str, Any]:
     """Copy the subset's samples (every file, bytes untouched) into new shards, reading each source shard once."""
     import webdataset as wds
 
@@ -25,7 +26,7 @@ def reshard(subset: str | os.PathLike, shards: str, out: str | os.PathLike, maxc
     wanted: dict[str, set[str]] = defaultdict(set)
     for key, shard in zip(table.column("key").to_pylist(), table.column("shard").to_pylist()):
         wanted[shard].add(key)
-    urls = {shard_name(u): u for u in expand_shards(shards)}
+    urls = {shard_name(u): u for u in expand_shards(shards, allow_pipe)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     missing: list[str] = []

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LaionfilterError
+from .names import child_path
 from .query import columns, connect, profile_columns, quote, require_profile, run_sql, write_table
 
 NEIGHBOURS = 8
@@ -65,7 +66,7 @@ def guidance_sets(scores, out: str | os.PathLike, profiles: list[str] | None = N
             WHERE abs(a.score - b.score) >= ?
             ORDER BY hash(a.key, b.key, ?) LIMIT ?"""
         pr = run_sql(con, pair_sql, [seed, margin, seed, pairs])
-        folder = out / p
+        folder = child_path(out, p, what="profile")
         write_table(ex, folder / "exemplars.parquet")
         write_table(neg, folder / "negatives.parquet")
         write_table(pr, folder / "pairs.parquet")

@@ -15,9 +15,10 @@ ordered pair in the batch, and keeps the learning rate constant.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -138,8 +139,12 @@ def zero_shot_sroccs(task_preds: np.ndarray, scores: np.ndarray) -> list[float]:
 
 
 def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig, progress: bool = False,
-        task_preds: np.ndarray | None = None, desc: str = "learn") -> dict[str, Any]:
-    """Learn α on one support set; returns α ([n, L]) and what happened on the way."""
+        task_preds: np.ndarray | None = None, desc: str = "learn",
+        on_step: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Learn α on one support set; returns α ([n, L]) and what happened on the way.
+
+    ``on_step`` is called once per step (an outer progress bar's update).
+    """
     device = merger.device
     n, L = merger.bank.n, len(merger.layers)
     if task_preds is None:
@@ -165,6 +170,8 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConf
     started = time.time()
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
+        if on_step:
+            on_step()
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_end)
         idx = torch.randperm(len(x_all), generator=gen)[:batch].to(device)
@@ -203,6 +210,29 @@ def _curve(losses: list[float]) -> dict[str, Any]:
     return {"steps": len(losses), "first": losses[0], "last": losses[-1], "min": min(losses),
             "mean_last_10pct": float(np.mean(losses[-max(1, len(losses) // 10):])),
             "every": every, "values": [float(np.mean(losses[i:i + every])) for i in range(0, len(losses), every)]}
+
+
+# Below this many parameters per model a forward is so short that threads spend their time waiting for
+# each other; beside another busy process they then collapse (benchmarks/threads.py: a 100-step fit on
+# the starter bank, 2 cores, beside a busy process: 18.4 s with torch's 2 threads, 5.9 s with one).
+SMALL_MODEL_PARAMETERS = 10_000_000
+
+
+@contextlib.contextmanager
+def learning_threads(bank: Bank, threads: int | None = None) -> Iterator[int]:
+    """Within the block, torch uses ``threads`` CPU threads if given, else 1 for small models and its
+    default (every core) for larger ones; the previous count is restored after."""
+    before = torch.get_num_threads()
+    if threads is None:
+        params = sum(t.numel() for t in bank.pre.values())
+        threads = 1 if params < SMALL_MODEL_PARAMETERS else before
+    if threads < 1:
+        raise LaionfilterError(f"--threads must be ≥ 1, not {threads}")
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def learn_device(cfg: LearnConfig) -> torch.device:

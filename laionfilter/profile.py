@@ -7,7 +7,6 @@ every use of it checks that fingerprint first.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,12 @@ import numpy as np
 import torch
 
 from . import __version__
-from .bank import Bank
+from .bank import Bank, find_bank
 from .errors import LaionfilterError
-from .learn import LearnConfig, Merger, fit, learn_device
+from .learn import LearnConfig, Merger, fit, learn_device, learning_threads
 from .log import note
 from .model import ScoreModel, eval_transform
+from .names import check_name, child_path
 from .ratings import ratings_fingerprint, read_ratings
 from .safefiles import read_safetensors, write_safetensors
 from .tables import read_table
@@ -42,9 +42,15 @@ class Profile:
 
     def check_bank(self, bank: Bank, source: str | os.PathLike = "profile") -> None:
         if self.meta["bank"]["fingerprint"] != bank.fingerprint:
+            want = self.meta["bank"]
             raise LaionfilterError(
-                f"{source}: profile {self.name!r} was learned on bank {self.meta['bank']['fingerprint'][:12]} "
-                f"({self.meta['bank'].get('path')}), not on {bank.path} ({bank.fingerprint[:12]})")
+                f"{source}: profile {self.name!r} was learned on bank {want['fingerprint'][:16]} "
+                f"({', '.join(self.meta['tasks'])}; at {want.get('path')}), not on {bank.path} "
+                f"({bank.fingerprint[:16]}); pass --bank with the bank it was learned on")
+
+    def find_bank(self, source: str | os.PathLike, bank: str | os.PathLike | None = None) -> Bank:
+        """The bank this profile was learned on: ``bank`` if it is that one, else found by fingerprint."""
+        return find_bank({**self.meta["bank"], "tasks": self.meta["tasks"]}, source, bank)
 
     def model(self, bank: Bank) -> ScoreModel:
         """The merged model θ_pre + Σ α τ as an ordinary module in eval mode."""
@@ -56,6 +62,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     tensors, meta = read_safetensors(path, what="profile")
     if meta.get("format") != PROFILE_FORMAT or "alpha" not in tensors:
         raise LaionfilterError(f"{path}: not a laionfilter profile")
+    check_name(meta.get("name"), "profile name", path)
     alpha = tensors["alpha"]
     want = (len(meta["tasks"]), meta["layers"])
     if tuple(alpha.shape) != want:
@@ -63,50 +70,49 @@ def load_profile(path: str | os.PathLike) -> Profile:
     return Profile(alpha.float(), meta)
 
 
-def _safe_name(user: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", user).strip("._")
-    return name or "user"
-
-
 def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLike, cfg: LearnConfig = LearnConfig(),
-                   shards: str | None = None, progress: bool = True, name: str | None = None) -> list[Path]:
-    """Learn one profile per user in the ratings file; ``out`` is a file, or a folder for several users."""
+                   shards: str | None = None, progress: bool = True, name: str | None = None,
+                   threads: int | None = None) -> list[Path]:
+    """Learn one profile per user in the ratings file; ``out`` is a file, or a folder for several users.
+
+    ``threads``: CPU threads (default: see ``learning_threads``)."""
     out = Path(out)
-    arch = bank.architecture
-    supports = read_ratings(ratings, eval_transform(arch), shards=shards, default_user=name or out.stem)
-    multi = "user" in read_table(ratings).column_names  # one profile per user, in a folder
-    if multi:
-        out.mkdir(parents=True, exist_ok=True)
-    merger = Merger(bank, learn_device(cfg))
-    written = []
-    fingerprint = ratings_fingerprint(ratings)
-    for sup in supports:
-        if len(sup.scores) < 10:
-            note(f"user {sup.user!r}: {len(sup.scores)} images; the method is meant for 10 or more")
-        result = fit(merger, sup.pixels, sup.scores, cfg, progress=progress, desc=f"learn {sup.user}")
-        meta = {
-            "format": PROFILE_FORMAT,
-            "laionfilter_version": __version__,
-            "name": sup.user,
-            "bank": {"fingerprint": bank.fingerprint, "path": str(bank.path),
-                     "architecture": bank.manifest["architecture"]["name"]},
-            "tasks": [t["name"] for t in bank.tasks],
-            "layers": len(bank.layers),
-            "config": cfg.to_json(),
-            "init": {"method": cfg.init, "temperature": cfg.temperature,
-                     "alpha_per_task": result["alpha_init"][:, 0].tolist()},
-            "zero_shot_srocc": dict(zip([t["name"] for t in bank.tasks], result["zero_shot_srocc"])),
-            "support_srocc_before": result["support_srocc_before"],
-            "support_srocc_after": result["support_srocc_after"],
-            "loss_curve": result["loss_curve"],
-            "seed": cfg.seed,
-            "ratings": {"path": str(ratings), "sha256": fingerprint, "images": len(sup.scores),
-                        "score_min": float(np.min(sup.scores)), "score_max": float(np.max(sup.scores))},
-            "learn_seconds": result["seconds"],
-        }
-        path = out / f"{_safe_name(sup.user)}.profile" if multi else out
-        written.append(Profile(result["alpha"], meta).save(path))
-    return written
+    with learning_threads(bank, threads):
+        arch = bank.architecture
+        supports = read_ratings(ratings, eval_transform(arch), shards=shards, default_user=name or out.stem)
+        multi = "user" in read_table(ratings).column_names  # one profile per user, in a folder
+        if multi:
+            out.mkdir(parents=True, exist_ok=True)
+        merger = Merger(bank, learn_device(cfg))
+        written = []
+        fingerprint = ratings_fingerprint(ratings)
+        for sup in supports:
+            if len(sup.scores) < 10:
+                note(f"user {sup.user!r}: {len(sup.scores)} images; the method is meant for 10 or more")
+            result = fit(merger, sup.pixels, sup.scores, cfg, progress=progress, desc=f"learn {sup.user}")
+            meta = {
+                "format": PROFILE_FORMAT,
+                "laionfilter_version": __version__,
+                "name": sup.user,
+                "bank": {"fingerprint": bank.fingerprint, "path": str(bank.path.resolve()),
+                         "architecture": bank.manifest["architecture"]["name"]},
+                "tasks": [t["name"] for t in bank.tasks],
+                "layers": len(bank.layers),
+                "config": cfg.to_json(),
+                "init": {"method": cfg.init, "temperature": cfg.temperature,
+                         "alpha_per_task": result["alpha_init"][:, 0].tolist()},
+                "zero_shot_srocc": dict(zip([t["name"] for t in bank.tasks], result["zero_shot_srocc"])),
+                "support_srocc_before": result["support_srocc_before"],
+                "support_srocc_after": result["support_srocc_after"],
+                "loss_curve": result["loss_curve"],
+                "seed": cfg.seed,
+                "ratings": {"path": str(ratings), "sha256": fingerprint, "images": len(sup.scores),
+                            "score_min": float(np.min(sup.scores)), "score_max": float(np.max(sup.scores))},
+                "learn_seconds": result["seconds"],
+            }
+            path = child_path(out, sup.user, ".profile", "user") if multi else out
+            written.append(Profile(result["alpha"], meta).save(path))
+        return written
 
 
 def profile_summary(profile: Profile) -> dict[str, Any]:

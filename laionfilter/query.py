@@ -1,8 +1,12 @@
 """DuckDB over a scores folder: ad-hoc SQL, and user-specific subsets ready for img2dataset.
 
-Paths and values are bound as parameters or passed through DuckDB's Python API, never pasted into SQL
-text. Identifiers (profile columns) are checked against the folder's columns and quoted. A ``--where``
-condition is SQL by design: it is the user's own filter over their own data.
+SQL from the command line runs on a connection that can touch nothing but the data given. The scores
+(and ``--join``) files are opened by pyarrow and registered as the views ``scores`` and ``meta``; then
+DuckDB's ``enable_external_access`` is switched off and its configuration locked, so no statement can
+read another file, write one (``COPY ... TO``), attach a database or install or load an extension.
+Results are written by pyarrow to ``--out``. ``query --unsafe`` opts out, for a user's own trusted SQL.
+A ``--where`` condition is parsed as one SQL expression (DuckDB's own parser), never pasted as text.
+Values are bound as parameters; identifiers (profile columns) are checked and quoted.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import LaionfilterError
+from .names import check_name
+from .safefiles import atomic_write
+from .tables import read_table
 from .writer import FIXED_COLUMNS
 
 JOIN_KEYS = {"key": ("key", ["key"]), "url": ("url", ["url", "URL"])}
@@ -25,22 +32,53 @@ def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def connect(scores: str | os.PathLike, join: str | os.PathLike | None = None) -> duckdb.DuckDBPyConnection:
-    """A connection with the view ``scores`` (every part file of the folder) and ``meta`` (``join``)."""
-    scores = Path(scores)
-    parts = sorted(scores.glob("*.parquet")) if scores.is_dir() else [scores]
-    if not scores.exists():
-        raise LaionfilterError(f"{scores}: no such scores folder or file")
-    if not parts:
-        raise LaionfilterError(f"{scores}: no Parquet part files in it (has `laionfilter score` run?)")
+def _parquet_files(path: Path, what: str) -> list[Path]:
+    if not path.exists():
+        raise LaionfilterError(f"{path}: no such {what}")
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise LaionfilterError(f"{path}: no Parquet files in it" + (" (has `laionfilter score` run?)" if what.startswith("scores") else ""))
+    return files
+
+
+def _dataset(path: Path, what: str):
+    """The files as one lazily read pyarrow dataset (a CSV/TSV join table is read whole)."""
+    import pyarrow.dataset as pds
+
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".tab"):
+        return read_table(path)
+    files = _parquet_files(path, what)
+    try:
+        schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+        return pds.dataset([str(f) for f in files], schema=schema, format="parquet")
+    except (pa.ArrowInvalid, OSError) as e:
+        bad = next((f for f in files if not _is_parquet(f)), files[0])
+        raise LaionfilterError(f"{bad}: cannot read it as Parquet ({str(e).splitlines()[0]})") from None
+
+
+def _is_parquet(path: Path) -> bool:
+    try:
+        pq.read_schema(path)
+        return True
+    except (pa.ArrowInvalid, OSError):
+        return False
+
+
+def connect(scores: str | os.PathLike, join: str | os.PathLike | None = None,
+            unsafe: bool = False) -> duckdb.DuckDBPyConnection:
+    """A connection with the view ``scores`` (every part file of the folder) and ``meta`` (``join``).
+
+    Unless ``unsafe``, the connection can read nothing else and write nothing at all.
+    """
     con = duckdb.connect()
-    con.read_parquet([str(p) for p in parts], union_by_name=True).create_view("scores")
+    views = {"scores": _dataset(Path(scores), "scores folder or file")}
     if join:
-        j = Path(join)
-        if not j.exists():
-            raise LaionfilterError(f"{j}: no such metadata file or folder")
-        files = sorted(j.glob("*.parquet")) if j.is_dir() else [j]
-        con.read_parquet([str(f) for f in files], union_by_name=True).create_view("meta")
+        views["meta"] = _dataset(Path(join), "metadata file or folder")
+    for name, data in views.items():
+        con.register(name, data)
+    if not unsafe:
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
     return con
 
 
@@ -53,6 +91,7 @@ def profile_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def require_profile(con: duckdb.DuckDBPyConnection, profile: str, scores) -> None:
+    check_name(profile, "profile")
     names = profile_columns(con)
     if profile not in names:
         raise LaionfilterError(f"{scores}: no scores for profile {profile!r}; it has {', '.join(map(repr, names)) or 'none'}")
@@ -64,13 +103,25 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None =
         if rel is None:  # a statement without a result (CREATE, SET, ...)
             return pa.table({})
         return rel.to_arrow_table()
+    except duckdb.PermissionException as e:
+        raise LaionfilterError(f"SQL error: {str(e).splitlines()[0]} (SQL here sees only the views scores and meta; "
+                               "write results with --out)") from None
     except duckdb.Error as e:
         raise LaionfilterError(f"SQL error: {str(e).splitlines()[0]}") from None
 
 
-def query(scores, sql: str, join=None) -> pa.Table:
-    """Run SQL with the views ``scores`` (and ``meta``) defined."""
-    return run_sql(connect(scores, join), sql)
+def query(scores, sql: str, join=None, unsafe: bool = False) -> pa.Table:
+    """Run SQL with the views ``scores`` (and ``meta``) defined; ``unsafe`` lifts the file lock-down."""
+    return run_sql(connect(scores, join, unsafe=unsafe), sql)
+
+
+def where_expression(where: str) -> str:
+    """``--where`` as one parsed SQL expression: a fragment that closes its parentheses or adds a
+    statement is refused."""
+    try:
+        return str(duckdb.SQLExpression(where))
+    except duckdb.Error as e:
+        raise LaionfilterError(f"--where {where!r} is not one SQL expression ({str(e).splitlines()[0]})") from None
 
 
 def select(scores, profile: str, *, top: int | None = None, min_score: float | None = None,
@@ -115,7 +166,7 @@ def select(scores, profile: str, *, top: int | None = None, min_score: float | N
         conds.append(f"score >= (SELECT quantile_cont({quote(profile)}, ?) FROM scores WHERE {ok}{quote(profile)} IS NOT NULL)")
         params.append(percentile / 100)
     if where:
-        conds.append(f"({where})")
+        conds.append(f"({where_expression(where)})")
     inner = f"SELECT {', '.join(inner_cols)}, s.{quote(profile)} AS score FROM scores s{joined}"
     sql = (f"SELECT {', '.join(quote(c) for c in out_cols)} FROM ({inner}) "
            f"WHERE {' AND '.join(conds)} ORDER BY score DESC, key")
@@ -128,13 +179,11 @@ def select(scores, profile: str, *, top: int | None = None, min_score: float | N
 def write_table(table: pa.Table, out: str | os.PathLike) -> Path:
     """Parquet, or CSV when the name ends in .csv; written whole, then renamed into place."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if out.suffix.lower() == ".csv":
-        import pyarrow.csv as pacsv
+    with atomic_write(out) as tmp:
+        if out.suffix.lower() == ".csv":
+            import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, tmp)
-    else:
-        pq.write_table(table, tmp)
-    os.replace(tmp, out)
+            pacsv.write_csv(table, tmp)
+        else:
+            pq.write_table(table, tmp)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from .errors import LaionfilterError
 from .images import ImageDecodeError
 from .log import note
+from .names import check_distinct, check_name, is_plain_name
 from .safefiles import file_sha256
 from .tables import read_table, require_columns, resolve_path
 
@@ -72,8 +74,10 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
         raise LaionfilterError(f"{path}: no rows")
     images = table.column("image").to_pylist()
     raw_scores = table.column("score").to_pylist()
-    users = [str(u) if u is not None else "" for u in table.column("user").to_pylist()] if "user" in table.column_names \
-        else [default_user or path.stem] * n
+    if "user" in table.column_names:
+        users = [unicodedata.normalize("NFC", str(u)) if u is not None else "" for u in table.column("user").to_pylist()]
+    else:
+        users = [check_name(default_user or path.stem, "profile name", path)] * n
     problems: list[str] = []
     scores = np.full(n, np.nan)
     for i, s in enumerate(raw_scores):
@@ -90,6 +94,14 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
     for i, u in enumerate(users):
         if not u:
             problems.append(f"row {i + 2}: user is empty")
+        elif not is_plain_name(u):
+            problems.append(f"row {i + 2}: user {u!r} is not a plain name (letters, digits, '_', '-', '.'; "
+                            "it names the profile file and the score column)")
+            users[i] = ""  # reported once, here
+    try:
+        check_distinct(dict.fromkeys(u for u in users if u), "users")
+    except LaionfilterError as e:
+        problems.append(str(e))
 
     refs: list[str | None] = [None] * n
     sources: dict[str, bytes | Path] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,6 +59,14 @@ def shard_name(url: str) -> str:
     return Path(base).stem or base
 
 
+def describe_error(url: str, e: BaseException) -> str:
+    """One line for a shard that could not be read; a failing ``pipe:`` names its command and status."""
+    status = re.search(r"exit (-?\d+)", str(e)) if url.startswith("pipe:") else None
+    if status:
+        return f"command {url[5:]!r} exited with status {status.group(1)}"
+    return f"{type(e).__name__}: {e}"
+
+
 def read_shard(url: str) -> Iterator[Sample | ShardEnd]:
     """Samples of one shard in order, then a ShardEnd (with the error if the tar broke)."""
     from webdataset.gopen import gopen
@@ -82,13 +91,13 @@ def read_shard(url: str) -> Iterator[Sample | ShardEnd]:
                 current = Sample(prefix)
             current.files[suffix] = f["data"]
     except Exception as e:  # a truncated or unreadable tar, a failing pipe:
-        error = f"{type(e).__name__}: {e}"
+        error = describe_error(url, e)
     finally:
         if stream is not None:
             try:
                 stream.close()
             except Exception as e:  # pipe: reports a failing command on close
-                error = error or f"{type(e).__name__}: {e}"
+                error = error or describe_error(url, e)
     if current is not None:
         yield current
     yield ShardEnd(url, error)

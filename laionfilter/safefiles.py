@@ -85,23 +85,41 @@ def read_metadata(path: str | os.PathLike, what: str = "file") -> dict[str, Any]
     return json.loads(raw) if raw else {}
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a hidden temporary name beside ``path``; renamed to ``path`` when the block ends whole.
+
+    If the block fails (a full disk, a killed writer raising), the temporary file is removed: a reader
+    sees the old file or the new one, never half of one, and nothing half-written is left behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:  # pyarrow's and safetensors' errors do not say which file: name the one meant
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

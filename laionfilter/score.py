@@ -21,10 +21,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .bank import Bank, load_bank
+from .bank import Bank
 from .errors import LaionfilterError
-from .images import ImageDecodeError, Preprocessor, decode
+from .images import MAX_PIXELS, ImageDecodeError, Preprocessor, decode
 from .log import note
+from .names import check_distinct, check_name
 from .profile import Profile, load_profile
 from .reader import IMAGE_EXTS, Sample, ShardEnd, read_shard, shard_name
 from .safefiles import file_sha256
@@ -48,6 +49,8 @@ class ScoreConfig:
     distributor: str = "local"  # local, or ray: one Ray task per shard
     ray_address: str | None = None  # None: start or join the local Ray instance; "auto": the running cluster
     ray_actors: int | None = None  # None: one per GPU (or CPU) of the cluster
+    max_pixels: int = MAX_PIXELS  # larger images get status 'bomb'
+    allow_pipe: bool = False  # run pipe: lines of a shard list file
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +81,7 @@ def sample_row(sample: Sample, shard: str, pre: Preprocessor) -> tuple[dict[str,
         row["status"], row["error"] = "no_image", f"no {'/'.join(IMAGE_EXTS)} in sample (has: {', '.join(other) or 'nothing'})"
         return row, None
     try:
-        pixels = decode(image[1])
+        pixels = decode(image[1], pre.max_pixels)
     except ImageDecodeError as e:
         row["status"], row["error"] = e.kind, str(e)[:500]
         return row, None
@@ -119,15 +122,16 @@ class ShardBatches(IterableDataset):
     """
 
     def __init__(self, urls: list[str], preprocess: dict[str, Any], batch_size: int,
-                 models: "MergedModels | None" = None):
+                 models: "MergedModels | None" = None, max_pixels: int = MAX_PIXELS):
         self.urls, self.preprocess, self.batch_size, self.models = urls, preprocess, batch_size, models
+        self.max_pixels = max_pixels
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         mine = self.urls[info.id::info.num_workers] if info else self.urls
         if info:
             torch.set_num_threads(1)  # one thread per worker process: the cores are shared
-        pre = Preprocessor(self.preprocess)
+        pre = Preprocessor(self.preprocess, self.max_pixels)
         for url in mine:
             for batch in shard_batches(url, pre, self.batch_size):
                 if self.models is not None and not batch["end"]:
@@ -138,16 +142,16 @@ class ShardBatches(IterableDataset):
 class MergedModels:
     """Every profile's merged model, materialised once, in inference mode on one device."""
 
-    def __init__(self, profiles: list[tuple[Path, Profile]], bank: Bank, device: torch.device, compile: bool = False,
+    def __init__(self, profiles: list[tuple[str, Profile]], bank: Bank, device: torch.device, compile: bool = False,
                  cpu_chunk: int | None = None):
         from .model import autocast
 
         self.device, self._autocast = device, autocast
         self.chunk = cpu_chunk if device.type == "cpu" else None  # images per forward; None: the whole batch
         self.models = []
-        for _, prof in profiles:
+        for name, prof in profiles:
             m = prof.model(bank).to(device).eval()
-            self.models.append((prof.name, torch.compile(m) if compile else m))
+            self.models.append((name, torch.compile(m) if compile else m))
         self.names = [n for n, _ in self.models]
 
     @torch.inference_mode()
@@ -170,24 +174,36 @@ def _identity(x):
     return x
 
 
-def resolve_profiles(paths: list[str | os.PathLike]) -> list[tuple[Path, Profile]]:
-    """Profile files, with folders expanded to the *.profile files they hold."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(p.glob("*.profile"))
-            if not found:
-                raise LaionfilterError(f"{p}: folder holds no .profile files")
-            files.extend(found)
-        else:
-            files.append(p)
+def _profile_files(spec: str | os.PathLike) -> list[tuple[str | None, Path]]:
+    """``NAME=PATH`` or ``PATH`` (a file, or a folder of *.profile files) → (column name or None, file)."""
+    text = str(spec)
+    name, sep, rest = text.partition("=")
+    if sep and not Path(text).exists():
+        if Path(rest).is_dir():
+            raise LaionfilterError(f"--profile {text}: NAME=PATH names one profile file, not a folder")
+        return [(check_name(name, "column name", f"--profile {text}"), Path(rest))]
+    p = Path(text)
+    if p.is_dir():
+        found = sorted(p.glob("*.profile"))
+        if not found:
+            raise LaionfilterError(f"{p}: folder holds no .profile files")
+        return [(None, f) for f in found]
+    if not p.is_file():
+        raise LaionfilterError(f"{p}: no such profile file or folder")
+    return [(None, p)]
+
+
+def resolve_profiles(specs: list[str | os.PathLike]) -> list[tuple[str, Profile, Path]]:
+    """(score column, profile, file) for each ``--profile``; a column is named by ``NAME=`` or the file's
+    name (``alice.profile`` → ``alice``), never by what the file says inside."""
+    files = [item for spec in specs for item in _profile_files(spec)]
     if not files:
         raise LaionfilterError("give at least one --profile")
-    out = [(f, load_profile(f)) for f in files]
-    names = [p.name for _, p in out]
-    clash = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(FIXED_COLUMNS)))
-    if clash:
-        raise LaionfilterError(f"profile names {clash} repeat or clash with output columns; rename the profile files' users")
+    out = []
+    for name, f in files:
+        column = name or check_name(f.name.removesuffix(".profile"), "profile file name", f"{f} (use --profile NAME={f})")
+        out.append((column, load_profile(f), f))
+    check_distinct([c for c, _, _ in out] + FIXED_COLUMNS, "score columns (name them with --profile NAME=PATH)")
     return out
 
 
@@ -213,13 +229,9 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
 
     out = Path(out)
     loaded = resolve_profiles(profiles)
-    if isinstance(bank, Bank):
-        the_bank = bank
-    else:
-        from .starter import resolve_bank
-
-        the_bank = resolve_bank(bank) if bank else load_bank(loaded[0][1].meta["bank"]["path"])
-    for path, prof in loaded:
+    named = [(column, prof) for column, prof, _ in loaded]
+    the_bank = bank if isinstance(bank, Bank) else loaded[0][1].find_bank(loaded[0][2], bank)
+    for _, prof, path in loaded:
         prof.check_bank(the_bank, path)  # refuse before any work
     if cfg.distributor not in ("local", "ray"):
         raise LaionfilterError(f"distributor must be local or ray, not {cfg.distributor!r}")
@@ -227,11 +239,12 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
     if device is not None and device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = pick_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # torchrun: one process per GPU
     rank, world = rank_and_world(cfg)
-    urls = shards if isinstance(shards, list) else expand_shards(shards)
+    urls = shards if isinstance(shards, list) else expand_shards(shards, cfg.allow_pipe)
     mine = urls[rank::world]
     manifest = {
         "bank": {"fingerprint": the_bank.fingerprint, "path": str(the_bank.path)},
-        "profiles": [{"name": p.name, "sha256": file_sha256(f).hexdigest(), "path": str(f)} for f, p in loaded],
+        "profiles": [{"name": column, "sha256": file_sha256(f).hexdigest(), "path": str(f), "learned_as": p.name}
+                     for column, p, f in loaded],
         "preprocess": the_bank.manifest["architecture"]["preprocess"],
         "options": {**cfg.to_json(), "rank": rank, "world_size": world},
     }
@@ -244,22 +257,23 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
     if skipped:
         note(f"{out}: {skipped} shard(s) already done, skipping them")
 
-    summary = {"shards": len(mine), "skipped": skipped, "done": 0, "failed": 0, "samples": 0, "scored": 0,
+    summary = {"columns": {column: str(f) for column, _, f in loaded}, "shards": len(mine), "skipped": skipped,
+               "done": 0, "failed": 0, "samples": 0, "scored": 0,
                "failed_samples": 0, "failed_shards": [], "seconds": 0.0}
     started = time.time()
     if todo and cfg.distributor == "ray":
         from .distribute import score_with_ray
 
         local = [u if u.startswith("pipe:") or "://" in u else str(Path(u).resolve()) for u in todo]  # for other cwds
-        score_with_ray(local, [f.resolve() for f, _ in loaded], the_bank.path.resolve(), out.resolve(), fingerprint,
-                       cfg, summary, progress)
+        score_with_ray(local, [(column, f.resolve()) for column, _, f in loaded], the_bank.path.resolve(),
+                       out.resolve(), fingerprint, cfg, summary, progress)
     elif todo:
-        models = MergedModels(loaded, the_bank, device, cfg.compile, cfg.cpu_chunk)
+        models = MergedModels(named, the_bank, device, cfg.compile, cfg.cpu_chunk)
         prof_names = models.names
         workers = min(default_workers() if cfg.workers is None else cfg.workers, len(todo))
         in_workers = models if device.type == "cpu" and workers else None  # forked workers share the weights
         loader = DataLoader(ShardBatches(todo, the_bank.manifest["architecture"]["preprocess"], cfg.batch_size,
-                                         in_workers),
+                                         in_workers, cfg.max_pixels),
                             batch_size=None, collate_fn=_identity, num_workers=workers,
                             pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch if workers else None,
                             persistent_workers=False)

@@ -30,7 +30,6 @@ from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
 from .errors import LaionfilterError
-from .log import note
 from .images import Preprocessor
 from .finetune import StageConfig, cosine_lr, finetune, FinetuneConfig
 from .model import HeadConfig, build_architecture, model_state
@@ -368,32 +367,3 @@ def build_starter(out: str | os.PathLike, cfg: StarterConfig = StarterConfig(), 
                                       "criteria": {c: CRITERIA[c].description for c in cfg.criteria},
                                       "build_seconds": round(time.time() - started, 1)})
     return bank
-
-
-def default_cache() -> Path:
-    root = os.environ.get("LAIONFILTER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "laionfilter")
-    return Path(root)
-
-
-SHIPPED = Path(__file__).parent / "data" / "starter-bank"
-
-
-def resolve_bank(spec: str | os.PathLike | None = "starter", progress: bool = True):
-    """A bank from a path, or ``starter``: ``$LAIONFILTER_BANK`` if set, else the bank shipped in the
-    package (4 MiB, fp16), else one built once into the cache."""
-    from .bank import load_bank
-
-    spec = str(spec) if spec is not None else "starter"
-    if spec == "starter":
-        env = os.environ.get("LAIONFILTER_BANK")
-        if env and env != "starter":
-            return load_bank(env)
-        if (SHIPPED / "manifest.json").exists():
-            return load_bank(SHIPPED)
-        path = default_cache() / "starter-bank"
-        if not (path / "manifest.json").exists():
-            note(f"building the starter bank into {path} (once; a few minutes on 2 CPU cores)")
-            build_starter(path, progress=progress, workdir=default_cache() / "starter-work")
-        return load_bank(path)
-    return load_bank(spec)

@@ -42,9 +42,15 @@ def read_table(path: str | os.PathLike) -> pa.Table:
 def require_columns(table: pa.Table, columns: list[str], path: str | os.PathLike) -> None:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
+        hint = ""
+        if len(table.column_names) == 1:
+            sep = next((d for d in (";", "\t", "|") if d in table.column_names[0]), None)
+            if sep:
+                hint = (f" (the header looks {'tab' if sep == chr(9) else repr(sep)}-separated: "
+                        f"{'name the file .tsv' if sep == chr(9) else 'use commas'})")
         raise LaionfilterError(
             f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-            f"it has {', '.join(repr(c) for c in table.column_names)}"
+            f"it has {', '.join(repr(c) for c in table.column_names)}{hint}"
         )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import LaionfilterError
-from .safefiles import read_json, write_json
+from .safefiles import atomic_write, read_json, write_json
 
 SCORES_FORMAT = "laionfilter.scores/1"
 FIXED_COLUMNS = ["key", "shard", "url", "caption", "width", "height", "status", "error"]
@@ -89,10 +88,8 @@ class ShardRows:
 
     def finish(self, out: Path, fingerprint: str, error: str | None) -> dict[str, Any]:
         table = pa.table(self.columns, schema=schema(self.profiles))
-        final = out / f"{self.name}.parquet"
-        tmp = out / f".{self.name}.parquet.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
+        with atomic_write(out / f"{self.name}.parquet") as tmp:
+            pq.write_table(table, tmp)
         statuses = table.column("status").to_pylist()
         counts: dict[str, int] = {}
         for s in statuses:

@@ -63,3 +63,27 @@ def ratings_csv(databases, tmp_path_factory) -> Path:
         lines.append(f"img/{i:02d}.png,{round(float(r['score']))}")
     (root / "ratings.csv").write_text("\n".join(lines) + "\n")
     return root / "ratings.csv"
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Three good shards (7 real-photo JPEGs each) written by webdataset's TarWriter."""
+    from .helpers import good_samples, write_shard
+
+    root = tmp_path_factory.mktemp("shards")
+    for s in range(3):
+        write_shard(root / f"{s:05d}.tar", good_samples(f"{s:05d}", 7, seed=s))
+    return root
+
+
+@pytest.fixture(scope="session")
+def profiles(small_bank, ratings_csv, tmp_path_factory) -> list[Path]:
+    """alice.profile and bob.profile, learned briefly on the small bank."""
+    from laionfilter.learn import LearnConfig
+    from laionfilter.profile import learn_profiles
+
+    root = tmp_path_factory.mktemp("profiles")
+    a = learn_profiles(ratings_csv, small_bank, root / "alice.profile", LearnConfig(steps=3, device="cpu"), progress=False)[0]
+    b = learn_profiles(ratings_csv, small_bank, root / "bob.profile", LearnConfig(steps=3, device="cpu", init="uniform"),
+                       progress=False)[0]
+    return [a, b]

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from laionfilter.cli import cli
 from laionfilter.score import ScoreConfig, score_shards
 
-from .test_score import good_samples, profiles, write_shard  # noqa: F401  (fixtures)
+from .helpers import good_samples, write_shard
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, profiles, small_bank):  # noqa: F811
+def scored(tmp_path_factory, profiles, small_bank):
     """Shards (one sample corrupt) scored by two profiles: the folder and the shards."""
     root = tmp_path_factory.mktemp("curation")
     shards = root / "shards"
@@ -129,12 +129,12 @@ def test_reshard_copies_the_same_bytes(scored, tmp_path):
 
 def test_fetch_with_img2dataset_on_local_files(scored, tmp_path):
     pytest.importorskip("img2dataset")
-    from .test_score import _crops, _jpeg
+    from .helpers import crops, jpeg
 
     rows = []
-    for i, img in enumerate(_crops(3, seed=30)):
+    for i, img in enumerate(crops(3, seed=30)):
         p = tmp_path / f"{i}.jpg"
-        p.write_bytes(_jpeg(img))
+        p.write_bytes(jpeg(img))
         rows.append({"url": f"file://{p}", "caption": f"cap {i}", "key": str(i), "shard": "x", "score": 1.0})
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "subset.parquet")
     r = run("fetch", tmp_path / "subset.parquet", "--out", tmp_path / "dl", "--image-size", "64", "--threads", "2")

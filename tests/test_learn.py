@@ -168,14 +168,14 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
 
     shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
     lines = ratings_csv.read_text().splitlines()[1:]
-    body = [f"{'ann' if i % 2 else 'bob o/k'},{line.split(',')[0]},{line.split(',')[1] if i % 2 else 10 - int(line.split(',')[1])}"
+    body = [f"{'ann' if i % 2 else 'bob.k'},{line.split(',')[0]},{line.split(',')[1] if i % 2 else 10 - int(line.split(',')[1])}"
             for i, line in enumerate(lines)]
     ratings = _write(tmp_path, "user,image,score\n" + "\n".join(body) + "\n", "users.tsv".replace("tsv", "csv"))
     runner = CliRunner()
     r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / "profiles"),
                             "--steps", "5", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == ["ann.profile", "bob_o_k.profile"]
+    assert sorted(p.name for p in (tmp_path / "profiles").iterdir()) == ["ann.profile", "bob.k.profile"]
     r = runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile"), "--plot", str(tmp_path / "a.png")])
     assert r.exit_code == 0, r.output
     for t in ("sharpness", "noise", "colourfulness", "zero-shot SROCC", "support-set SROCC"):

@@ -5,7 +5,6 @@ import pytest
 
 from laionfilter.score import ScoreConfig, score_shards
 
-from .test_score import profiles, shards  # noqa: F401  (fixtures)
 
 ray = pytest.importorskip("ray")
 

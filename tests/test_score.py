@@ -1,4 +1,3 @@
-import io
 import json
 from pathlib import Path
 
@@ -6,66 +5,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import webdataset as wds
 from click.testing import CliRunner
-from PIL import Image
 
 from laionfilter import score as score_module
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
 from laionfilter.images import Preprocessor
-from laionfilter.learn import LearnConfig
-from laionfilter.profile import learn_profiles, load_profile
+from laionfilter.profile import load_profile
 from laionfilter.score import ScoreConfig, score_shards
-from laionfilter.starter import load_photo, random_crop
 
-
-def _jpeg(img: Image.Image, quality=90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _crops(n, seed):
-    rng = np.random.default_rng(seed)
-    photos = [load_photo(p) for p in ("coffee", "china", "flower", "coins")]
-    return [random_crop(photos[i % 4], int(rng.integers(70, 140)), rng) for i in range(n)]
-
-
-def write_shard(path: Path, samples: list[dict]) -> Path:
-    with wds.TarWriter(str(path)) as sink:
-        for s in samples:
-            sink.write(s)
-    return path
-
-
-def good_samples(prefix: str, n: int, seed: int) -> list[dict]:
-    out = []
-    for i, img in enumerate(_crops(n, seed)):
-        key = f"{prefix}{i:04d}"
-        out.append({"__key__": key, "jpg": _jpeg(img),
-                    "json": json.dumps({"url": f"https://example.com/{key}.jpg", "caption": f"photo {key}",
-                                        "width": img.width, "height": img.height, "key": key}).encode(),
-                    "txt": f"photo {key}".encode()})
-    return out
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Three good shards written by webdataset's TarWriter."""
-    root = tmp_path_factory.mktemp("shards")
-    for s in range(3):
-        write_shard(root / f"{s:05d}.tar", good_samples(f"{s:05d}", 7, seed=s))
-    return root
-
-
-@pytest.fixture(scope="module")
-def profiles(small_bank, ratings_csv, tmp_path_factory):
-    root = tmp_path_factory.mktemp("profiles")
-    a = learn_profiles(ratings_csv, small_bank, root / "alice.profile", LearnConfig(steps=3, device="cpu"), progress=False)[0]
-    b = learn_profiles(ratings_csv, small_bank, root / "bob.profile", LearnConfig(steps=3, device="cpu", init="uniform"),
-                       progress=False)[0]
-    return [a, b]
+from .helpers import crops, good_samples, jpeg, write_shard
 
 
 def read_scores(out: Path):
@@ -231,9 +180,9 @@ def test_img2dataset_shards(profiles, small_bank, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     urls = []
-    for i, img in enumerate(_crops(6, seed=11)):
+    for i, img in enumerate(crops(6, seed=11)):
         p = src / f"{i}.jpg"
-        p.write_bytes(_jpeg(img))
+        p.write_bytes(jpeg(img))
         urls.append((f"file://{p}", f"caption {i}"))
     import pyarrow as pa
 

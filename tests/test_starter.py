@@ -68,7 +68,7 @@ def test_small_starter_build(tmp_path):
 
 
 def test_shipped_starter_bank_meets_its_bar():
-    from laionfilter.starter import SHIPPED, resolve_bank
+    from laionfilter.bank import SHIPPED, resolve_bank
 
     bank = resolve_bank("starter")
     assert bank.path == SHIPPED and bank.manifest["architecture"]["name"] == "lf-tiny-vit"
@@ -85,7 +85,7 @@ def test_shipped_task_models_rank_degradations_of_unseen_photos(criterion):
 
     from laionfilter.images import Preprocessor
     from laionfilter.metrics import srocc
-    from laionfilter.starter import resolve_bank
+    from laionfilter.bank import resolve_bank
 
     bank = resolve_bank("starter")
     i = [t["name"] for t in bank.tasks].index(criterion)
