@@ -243,24 +243,32 @@ def build_bank(tasks: list[str | os.PathLike], out: str | os.PathLike, base: str
             if ft[l].shape != pre[l].shape:
                 raise LaionfilterError(f"{p}: tensor {l} has shape {tuple(ft[l].shape)}, the base has {tuple(pre[l].shape)}")
             taus[l].append(ft[l].float() - pre[l])
+    tasks_meta = [{"name": m["name"], "database": m["database"], "scale": m["scale"], "template": m["template"],
+                   "metrics": m["metrics"], "source": str(p), "source_sha256": file_sha256(p).hexdigest()}
+                  for p, m in zip(paths, metas)]
+    return write_bank(out, arch, first["base"], layers, pre, {l: torch.stack(taus[l]).to(DTYPES[dtype]) for l in layers},
+                      dtype, tasks_meta)
+
+
+def write_bank(out: str | os.PathLike, arch: Architecture, base: dict[str, Any], layers: list[str],
+               pre: dict[str, torch.Tensor], tau: dict[str, torch.Tensor], dtype: str, tasks: list[dict[str, Any]],
+               extra: dict[str, Any] | None = None) -> Bank:
+    """Write ``weights.safetensors`` and the fingerprinted ``manifest.json``; returns the bank, loaded back."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"pre.{l}": pre[l] for l in layers}
-    tensors.update({f"tau.{l}": torch.stack(taus[l]).to(DTYPES[dtype]) for l in layers})
+    tensors.update({f"tau.{l}": tau[l] for l in layers})
     weights = write_safetensors(out / "weights.safetensors", tensors, {"format": BANK_FORMAT})
     manifest = {
         "format": BANK_FORMAT,
         "laionfilter_version": __version__,
         "architecture": arch.to_json(),
-        "base": first["base"],
+        "base": base,
         "layers": layers,
         "shapes": [list(pre[l].shape) for l in layers],
         "dtype": dtype,
-        "tasks": [
-            {"name": m["name"], "database": m["database"], "scale": m["scale"], "template": m["template"],
-             "metrics": m["metrics"], "source": str(p), "source_sha256": file_sha256(p).hexdigest()}
-            for p, m in zip(paths, metas)
-        ],
+        "tasks": tasks,
+        **(extra or {}),
     }
     manifest["fingerprint"] = _fingerprint(weights, manifest)
     write_json(out / "manifest.json", manifest)
@@ -288,8 +296,11 @@ def bank_info(bank: Bank) -> dict[str, Any]:
         "parameters_per_model": params,
         "dtype": bank.manifest["dtype"],
         "size_bytes": weights.stat().st_size,
-        "tasks": [{"name": t["name"], "scale": t["scale"], **{k: t["metrics"].get(k) for k in ("val_srocc", "val_plcc", "n_val")}}
+        "tasks": [{"name": t["name"], "scale": t["scale"], "database": t["database"],
+                   "source": Path(t.get("source", "")).name, "source_sha256": t["source_sha256"],
+                   **{k: t["metrics"].get(k) for k in ("val_srocc", "val_plcc", "n_val")}}
                   for t in bank.tasks],
+        "imported": bank.manifest.get("imported"),
         "similarity": [[round(float(v), 4) for v in row] for row in bank.similarity()],
     }
 

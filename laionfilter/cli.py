@@ -97,6 +97,34 @@ def bank_build(tasks, out, base, dtype):
     click.echo(f"{out}: {b.n} tasks × {len(b.layers)} layers, fingerprint {b.fingerprint[:16]}")
 
 
+@bank.command("import")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--base", required=True,
+              help="The OpenCLIP model they were fine-tuned from: ARCH:PRETRAINED or ARCH:PATH.safetensors "
+                   "(the authors' L files: ViT-L-14:datacomp_xl_s13b_b90k).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bank folder to write.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16",
+              help="Storage dtype of the task vectors (θ_pre stays float32).")
+@click.option("--names", help="Comma-separated task names, one per checkpoint (default: from the file names, "
+                              "clip_L_3fc_ava.pth → ava).")
+def bank_import(checkpoints, base, out, dtype, names):
+    """Import the paper authors' released task models (clip_{B,L}_3fc_*.pth) into a bank.
+
+    The files are read with PyTorch's restricted loader (weights_only=True) only, and each must have
+    the text tower of --base, unchanged: that proves it was fine-tuned from it.
+
+    \b
+    Example:
+      laionfilter bank import checkpoints/clip_L_3fc_*.pth --base ViT-L-14:datacomp_xl_s13b_b90k --out bank-L/
+    """
+    from .authors import import_bank
+
+    b = import_bank(list(checkpoints), base, out, dtype=dtype, names=names.split(",") if names else None)
+    size = (b.path / "weights.safetensors").stat().st_size / 2**20
+    click.echo(f"{out}: {b.n} tasks ({', '.join(t['name'] for t in b.tasks)}) × {len(b.layers)} layers, "
+               f"{size:.0f} MiB, fingerprint {b.fingerprint[:16]}; use it with --bank {out}")
+
+
 @bank.command("starter")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Bank folder to write; use it with --bank OUT (--bank starter is the bank shipped in the package).")
@@ -142,9 +170,16 @@ def bank_info_cmd(bank_path, as_json, plot):
                f"task vectors in {info['dtype']}, {info['size_bytes'] / 2**20:.1f} MiB")
     click.echo(f"  fingerprint {info['fingerprint']}\n")
     w = max(len(t["name"]) for t in info["tasks"])
-    click.echo(f"  {'task':<{w}}  scale  val SROCC  val PLCC  n val")
+
+    def num(v, width, fmt):
+        return f"{v:{width}{fmt}}" if v is not None else f"{'–':>{width}}"
+
+    if info.get("imported"):
+        click.echo(f"  imported from {info['imported']['from']}\n  θ_pre's head: {info['imported']['head_pre']}\n")
+    click.echo(f"  {'task':<{w}}  scale  val SROCC  val PLCC  n val  source")
     for t in info["tasks"]:
-        click.echo(f"  {t['name']:<{w}}  {t['scale']:>5}  {t['val_srocc']:9.3f}  {t['val_plcc']:8.3f}  {t['n_val']:5d}")
+        click.echo(f"  {t['name']:<{w}}  {t['scale']:>5}  {num(t['val_srocc'], 9, '.3f')}  {num(t['val_plcc'], 8, '.3f')}  "
+                   f"{num(t['n_val'], 5, 'd')}  {t['source']} ({t['source_sha256'][:12]})")
     click.echo("\n  cosine similarity of task vectors:")
     click.echo("  " + " " * w + "".join(f"{t['name'][:7]:>8}" for t in info["tasks"]))
     for t, row in zip(info["tasks"], info["similarity"]):

@@ -99,12 +99,17 @@ def decode(source: bytes | str | os.PathLike | Image.Image, max_pixels: int = MA
 
 
 class Preprocessor:
-    """open_clip's eval transform (resize shortest side, centre crop, normalise) on uint8 tensors."""
+    """open_clip's eval transform (resize shortest side, centre crop, normalise) on uint8 tensors.
+
+    ``resize_size``, when given, is the shorter side before the crop (the paper authors' transform:
+    Resize(256) then CenterCrop(224)); otherwise the shorter side is resized to the crop size.
+    """
 
     def __init__(self, preprocess: dict[str, Any], max_pixels: int = MAX_PIXELS):
         self.max_pixels = max_pixels
         size = preprocess["size"]
         self.size = [int(size), int(size)] if isinstance(size, (int, float)) else [int(s) for s in size]
+        self.resize = int(preprocess["resize_size"]) if preprocess.get("resize_size") else None
         if preprocess.get("resize_mode", "shortest") != "shortest":
             raise ValueError(f"resize_mode {preprocess['resize_mode']!r} is not supported")
         from torchvision.transforms import InterpolationMode
@@ -118,7 +123,7 @@ class Preprocessor:
 
         img = image if isinstance(image, torch.Tensor) else decode(image, self.max_pixels)
         # An int size resizes the shorter side with torchvision's rounding, as open_clip's transform does.
-        target = self.size[0] if self.size[0] == self.size[1] else self.size
+        target = self.resize or (self.size[0] if self.size[0] == self.size[1] else self.size)
         if min(img.shape[-2:]) != target or not isinstance(target, int):
             img = F.resize(img, target, interpolation=self.interpolation, antialias=True)
         img = F.center_crop(img, self.size)

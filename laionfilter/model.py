@@ -150,7 +150,7 @@ class _QuietRandomInit(logging.Filter):
         return "Model initialized randomly" not in record.getMessage()
 
 
-def _create_visual(arch: str, pretrained: str | None, seed: int) -> nn.Module:
+def _create_clip(arch: str, pretrained: str | None, seed: int) -> nn.Module:
     try:
         quiet = _QuietRandomInit()
         logging.getLogger().addFilter(quiet)
@@ -166,6 +166,11 @@ def _create_visual(arch: str, pretrained: str | None, seed: int) -> nn.Module:
             f"could not build OpenCLIP {arch!r}" + (f" with pretrained weights {pretrained!r}" if pretrained else "")
             + f": {e}" + (" (no model hub reachable? use ARCH:/path/to/weights.safetensors)" if pretrained else "")
         ) from None
+    return clip
+
+
+def _create_visual(arch: str, pretrained: str | None, seed: int) -> nn.Module:
+    clip = _create_clip(arch, pretrained, seed)
     visual = clip.visual
     del clip
     return visual
@@ -195,15 +200,27 @@ def load_base(spec: BaseSpec | str, head: HeadConfig = HeadConfig()) -> tuple[Ar
     or a laionfilter checkpoint (``visual.*`` and ``head.*``). Where it has no head, the head is the
     seeded initialisation.
     """
+    arch, model, _ = load_base_clip(spec, head)
+    return arch, model
+
+
+def load_base_clip(spec: BaseSpec | str, head: HeadConfig = HeadConfig()
+                   ) -> tuple[Architecture, ScoreModel, dict[str, torch.Tensor]]:
+    """``load_base``, plus the rest of the OpenCLIP model (text tower, ``logit_scale``): every tensor
+    whose name does not start with ``visual.``, as the base has it."""
     spec = BaseSpec.parse(spec) if isinstance(spec, str) else spec
     _ensure_arch_known(spec.arch)
-    visual = _create_visual(spec.arch, spec.pretrained, head.seed)
+    clip = _create_clip(spec.arch, spec.pretrained, head.seed)
+    visual = clip.visual
+    rest = {k: v.detach() for k, v in clip.state_dict().items() if not k.startswith("visual.")}
+    del clip
     model = ScoreModel(visual, ScoreHead(visual.output_dim, head))
     if spec.checkpoint:
         tensors, _ = read_safetensors(spec.checkpoint, what="checkpoint")
         tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
         load_state(model, tensors, spec.checkpoint, require_head=False)
-    return Architecture(spec.arch, open_clip.get_model_config(spec.arch), preprocess_of(visual), head), model
+        rest = {k: v for k, v in tensors.items() if not k.startswith(("visual.", "head."))}
+    return Architecture(spec.arch, open_clip.get_model_config(spec.arch), preprocess_of(visual), head), model, rest
 
 
 def load_state(model: ScoreModel, tensors: dict[str, torch.Tensor], source: str | Path, require_head: bool = True) -> None:
