@@ -1,0 +1,63 @@
+"""The scores of a fixed input, pinned: a refactor of the scoring path must not change a single value.
+
+Input: the bundled example images in one shard (webdataset's TarWriter), a 16-bit PNG and a broken
+sample beside them; the shipped starter bank; two profiles with fixed coefficients (no learning, so no
+randomness). The expected table (tests/data/golden-scores.parquet) was written by the scorer before the
+scoring path was split into stages. Compared as a table (every column, value and type), not as bytes:
+the Parquet writer stamps its own version into the file.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from laionfilter.bank import resolve_bank
+from laionfilter.profile import PROFILE_FORMAT, Profile
+from laionfilter.score import ScoreConfig, score_shards
+
+from .helpers import write_shard
+
+GOLDEN = Path(__file__).parent / "data" / "golden-scores.parquet"
+EXAMPLES = Path(__file__).parent.parent / "laionfilter" / "data" / "example" / "images"
+
+
+def golden_inputs(root: Path):
+    bank = resolve_bank("starter")
+    samples = []
+    for p in sorted(EXAMPLES.glob("*.jpg"))[:12]:
+        samples.append({"__key__": p.stem, "jpg": p.read_bytes(),
+                        "json": json.dumps({"url": f"https://example.com/{p.name}", "caption": p.stem}).encode()})
+    grey = np.asarray(Image.open(EXAMPLES / "00.jpg").convert("L")).astype(np.uint16) * 257
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, "PNG")
+    samples.append({"__key__": "grey16", "png": buf.getvalue()})
+    samples.append({"__key__": "broken", "jpg": b"broken"})
+    shard = write_shard(root / "golden.tar", samples)
+    profiles = []
+    n, L = bank.n, len(bank.layers)
+    for name, alpha in (("even", torch.full((n, L), 1.0 / n)),
+                        ("ramp", torch.linspace(-0.5, 1.5, n)[:, None] * torch.linspace(0.5, 1.0, L)[None, :] / n)):
+        meta = {"format": PROFILE_FORMAT, "name": name, "bank": {"fingerprint": bank.fingerprint, "path": str(bank.path)},
+                "tasks": [t["name"] for t in bank.tasks], "layers": L}
+        profiles.append(Profile(alpha.contiguous(), meta).save(root / f"{name}.profile"))
+    return shard, profiles, bank
+
+
+def score_golden(root: Path, workers: int):
+    shard, profiles, bank = golden_inputs(root)
+    out = root / f"scores-{workers}"
+    score_shards(str(shard), profiles, out, bank=bank, cfg=ScoreConfig(workers=workers, batch_size=5, device="cpu"),
+                 progress=False)
+    return pq.read_table(out / "golden.parquet")
+
+
+def test_scores_of_a_fixed_input_are_unchanged(tmp_path):
+    want = pq.read_table(GOLDEN)
+    for workers in (0, 1):  # scored in the main process, and in a worker as the CPU path does
+        got = score_golden(tmp_path, workers)
+        assert got.schema.equals(want.schema) and got.equals(want), workers
