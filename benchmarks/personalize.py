@@ -24,7 +24,7 @@ from laionfilter.evaluate import default_methods, evaluate, markdown_table, plot
 from laionfilter.learn import LearnConfig
 from laionfilter.safefiles import write_json
 from laionfilter.bank import resolve_bank
-from laionfilter.starter import GREY, PHOTOS, degrade, load_photo, random_crop
+from laionfilter.train.starter import GREY, PHOTOS, degrade, load_photo, random_crop
 
 COVERED = ["sharpness", "noise", "exposure", "colourfulness", "contrast", "warmth"]
 

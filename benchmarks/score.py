@@ -30,11 +30,13 @@ import torch
 import webdataset as wds
 
 from laionfilter.bank import build_bank
-from laionfilter.finetune import FinetuneConfig, StageConfig, finetune
+from laionfilter.train.finetune import FinetuneConfig, StageConfig, finetune
 from laionfilter.profile import Profile, PROFILE_FORMAT
-from laionfilter.score import ScoreConfig, ShardBatches, default_workers, score_shards
+from laionfilter.score import ScoreConfig, score_shards
+from laionfilter.mapper import Batch
+from laionfilter.scorer import ShardBatches, default_workers
 from laionfilter.bank import resolve_bank
-from laionfilter.starter import PHOTOS, load_photo, random_crop
+from laionfilter.train.starter import PHOTOS, load_photo, random_crop
 
 
 def make_shards(root: Path, shards: int, per_shard: int, size: int, seed: int = 0) -> list[str]:
@@ -107,7 +109,7 @@ class DecodeOnly(ShardBatches):
 
     def __iter__(self):
         for b in super().__iter__():
-            yield 0 if b["end"] else len(b["rows"])
+            yield len(b.rows) if isinstance(b, Batch) else 0
 
 
 def decode_only(urls: list[str], preprocess: dict, batch: int, workers: int) -> float:
@@ -122,7 +124,7 @@ def decode_only(urls: list[str], preprocess: dict, batch: int, workers: int) -> 
 
 def decoded_pixels(urls: list[str], preprocess: dict, batch: int) -> torch.Tensor:
     """The shards' preprocessed images, for the model-only measurement (untimed)."""
-    return torch.cat([b["pixels"] for b in ShardBatches(urls, preprocess, batch) if not b["end"]])
+    return torch.cat([b.pixels for b in ShardBatches(urls, preprocess, batch) if isinstance(b, Batch)])
 
 
 def end_to_end(urls, profiles, bank, out: Path, batch: int, workers: int) -> float:

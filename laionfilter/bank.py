@@ -19,11 +19,10 @@ import torch
 from . import __version__
 from .errors import LaionfilterError
 from .names import check_distinct, check_name
-from .finetune import TASK_FORMAT
+from .formats import BANK_FORMAT, TASK_FORMAT, validate
 from .model import Architecture, BaseSpec, ScoreModel, build_architecture, layer_names, load_base, load_state, model_state
 from .safefiles import file_sha256, read_json, read_metadata, read_safetensors, state_fingerprint, write_json, write_safetensors
 
-BANK_FORMAT = "laionfilter.bank/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -105,9 +104,7 @@ def load_bank(path: str | os.PathLike, verify: bool = True) -> Bank:
     path = Path(path)
     if not path.is_dir():
         raise LaionfilterError(f"{path}: no such bank folder")
-    manifest = read_json(path / "manifest.json", what="bank manifest")
-    if manifest.get("format") != BANK_FORMAT:
-        raise LaionfilterError(f"{path / 'manifest.json'}: not a laionfilter bank manifest (format {manifest.get('format')!r})")
+    manifest = validate(read_json(path / "manifest.json", what="bank manifest"), BANK_FORMAT, path / "manifest.json")
     weights = path / "weights.safetensors"
     tensors, _ = read_safetensors(weights, what="bank weights")
     if verify and _fingerprint(weights, manifest) != manifest.get("fingerprint"):
@@ -146,20 +143,16 @@ def _starter_path() -> Path | None:
     return cache if (cache / "manifest.json").exists() else None
 
 
-def resolve_bank(spec: str | os.PathLike | None = "starter", progress: bool = True) -> Bank:
+def resolve_bank(spec: str | os.PathLike | None = "starter") -> Bank:
     """A bank from a folder, or ``starter``: ``$LAIONFILTER_BANK`` if set, else the bank shipped in the
-    package (4 MiB, fp16), else one built once into the cache."""
+    package (4 MiB, fp16), else one built earlier into the cache (``bank starter --out``)."""
     spec = str(spec) if spec is not None else "starter"
     if spec != "starter":
         return load_bank(spec)
     path = _starter_path()
     if path is None:
-        from .starter import build_starter  # training code, only when the package ships no bank
-        from .log import note
-
-        path = default_cache() / "starter-bank"
-        note(f"building the starter bank into {path} (once; a few minutes on 2 CPU cores)")
-        build_starter(path, progress=progress, workdir=default_cache() / "starter-work")
+        raise LaionfilterError(f"this installation has no starter bank ({SHIPPED} is missing); build one with "
+                               f"`laionfilter bank starter --out {default_cache() / 'starter-bank'}`")
     return load_bank(path)
 
 
@@ -196,9 +189,7 @@ def find_bank(want: dict[str, Any], source: str | os.PathLike, bank: str | os.Pa
 
 def _read_task(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, meta = read_safetensors(path, what="task checkpoint")
-    if meta.get("format") != TASK_FORMAT:
-        raise LaionfilterError(f"{path}: not a laionfilter task checkpoint (no '{TASK_FORMAT}' metadata)")
-    return tensors, meta
+    return tensors, validate(meta, TASK_FORMAT, path)
 
 
 def build_bank(tasks: list[str | os.PathLike], out: str | os.PathLike, base: str | None = None,
@@ -209,10 +200,7 @@ def build_bank(tasks: list[str | os.PathLike], out: str | os.PathLike, base: str
     if dtype not in DTYPES:
         raise LaionfilterError(f"--dtype must be one of {', '.join(DTYPES)}")
     paths = [Path(t) for t in tasks]
-    metas = [read_metadata(p, what="task checkpoint") for p in paths]
-    for p, m in zip(paths, metas):
-        if m.get("format") != TASK_FORMAT:
-            raise LaionfilterError(f"{p}: not a laionfilter task checkpoint (no '{TASK_FORMAT}' metadata)")
+    metas = [validate(read_metadata(p, what="task checkpoint"), TASK_FORMAT, p) for p in paths]
     first = metas[0]
     for p, m in zip(paths[1:], metas[1:]):
         if m["base"]["fingerprint"] != first["base"]["fingerprint"] or m["architecture"] != first["architecture"]:

@@ -55,7 +55,7 @@ def finetune(database, base, out, job, name, scale, score_range, head_steps, bac
     Example:
       laionfilter finetune ava.parquet --job jobs/finetune-ava.toml --base ViT-B-16:laion2b_s34b_b88k --out ava.safetensors
     """
-    from .finetune import config_from_dict, finetune as run, load_job
+    from .train.finetune import config_from_dict, finetune as run, load_job
 
     opts = dict(database=database, base=base, name=name, scale=scale, score_range=score_range or None,
                 device=device, workers=workers, seed=seed)
@@ -137,7 +137,7 @@ def bank_starter(out, job, workdir):
     Example:
       laionfilter bank starter --job jobs/starter-bank.toml --out starter-bank/
     """
-    from .starter import StarterConfig, build_starter, load_starter_job
+    from .train.starter import StarterConfig, build_starter, load_starter_job
 
     cfg = load_starter_job(job) if job else StarterConfig()
     b = build_starter(out, cfg, workdir=workdir)
@@ -228,15 +228,15 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
       laionfilter learn alice.csv --bank starter --out alice.profile
     """
     from .learn import LearnConfig
-    from .profile import learn_profiles, load_profile
+    from .profile import learn_profiles
     from .bank import resolve_bank
 
     cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, steps=steps,
                       batch_size=batch_size, lr=lr, lr_end=lr / 10, seed=seed, device=device,
                       **({} if anchor is None else {"anchor": anchor}))
-    for path in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
-        m = load_profile(path).meta
-        click.echo(f"{path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "
+    for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
+        m = profile.meta
+        click.echo(f"{profile.path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "
                    f"{m['support_srocc_after']:.3f} ({m['learn_seconds']:.0f} s)")
 
 

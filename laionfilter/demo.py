@@ -24,7 +24,7 @@ TASTE = {"exposure": 0.4, "warmth": 0.3, "sharpness": 0.3}  # alice's hidden tas
 def _degraded_crop(photo, rng, size: int):
     from PIL import Image
 
-    from .starter import degrade, random_crop
+    from .train.starter import degrade, random_crop
 
     img = random_crop(photo, size, rng)
     levels = {}
@@ -37,7 +37,7 @@ def _degraded_crop(photo, rng, size: int):
 
 def write_example_ratings(folder: Path, n: int = 36, seed: int = 7) -> Path:
     """How the bundled ratings were made (kept so they can be remade): crops rated by alice's taste."""
-    from .starter import load_photo
+    from .train.starter import load_photo
 
     rng = np.random.default_rng(seed)
     photos = [load_photo(p) for p in ("coffee", "china", "flower")]
@@ -57,7 +57,7 @@ def write_example_ratings(folder: Path, n: int = 36, seed: int = 7) -> Path:
 def write_example_shards(folder: Path, shards: int = 4, per_shard: int = 48, seed: int = 11) -> Path:
     import webdataset as wds
 
-    from .starter import load_photo
+    from .train.starter import load_photo
 
     rng = np.random.default_rng(seed)
     names = ["coffee", "china", "flower", "coins", "gravel"]
@@ -82,7 +82,7 @@ def run_demo(out: str | Path, steps: int = 500, echo: Callable[[str], Any] = pri
              overwrite: bool = False) -> dict[str, Path]:
     from .guidance import guidance_sets
     from .learn import LearnConfig
-    from .profile import learn_profiles, load_profile
+    from .profile import learn_profiles
     from .query import query, select, write_table
     from .score import ScoreConfig, score_shards
     from .bank import resolve_bank
@@ -101,8 +101,9 @@ def run_demo(out: str | Path, steps: int = 500, echo: Callable[[str], Any] = pri
     write_example_shards(paths["shards"])
     echo(f"2. example shards (4 × 48 images the starter bank never saw): {paths['shards']}")
     bank = resolve_bank("starter")
-    learn_profiles(paths["ratings"], bank, paths["profile"], LearnConfig(steps=steps), progress=progress, name="alice")
-    m = load_profile(paths["profile"]).meta
+    [profile] = learn_profiles(paths["ratings"], bank, paths["profile"], LearnConfig(steps=steps), progress=progress,
+                               name="alice")
+    m = profile.meta
     echo(f"3. learned alice's profile ({steps} steps; support SROCC {m['support_srocc_before']:.2f} → "
          f"{m['support_srocc_after']:.2f}): {paths['profile']}")
     s = score_shards(str(paths["shards"]), [paths["profile"]], paths["scores"], bank=bank,

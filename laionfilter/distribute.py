@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -19,56 +19,48 @@ from .errors import LaionfilterError
 
 
 class ShardScorer:
-    """A Ray actor: merged models built once, then one shard per call."""
+    """A Ray actor: merged models built once, then one shard per call, through the local runner's loop."""
 
     def __init__(self, profiles: list[tuple[str, str]], bank_path: str, device: str, batch_size: int, out: str,
-                 fingerprint: str, compile: bool = False, fault_file: str | None = None, cpu_chunk: int | None = None,
-                 max_pixels: int | None = None):
-        import torch
-
+                 fingerprint: str, compile: bool = False, cpu_chunk: int | None = None, max_pixels: int | None = None,
+                 after_batch: Callable[[], Any] | None = None):
         from .bank import load_bank
         from .images import MAX_PIXELS, Preprocessor
-        from .model import pick_device
         from .profile import load_profile
-        from .score import MergedModels
+        from .scorer import MergedModels, scoring_device
 
         bank = load_bank(bank_path)
         loaded = [(column, load_profile(p)) for column, p in profiles]
-        dev = pick_device(device)
-        if dev.type == "cuda" and torch.cuda.device_count():
-            dev = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
-        self.models = MergedModels(loaded, bank, dev, compile, cpu_chunk)
+        self.models = MergedModels(loaded, bank, scoring_device(device), compile, cpu_chunk)
         self.pre = Preprocessor(bank.manifest["architecture"]["preprocess"], max_pixels or MAX_PIXELS)
-        self.batch_size, self.out, self.fingerprint, self.fault_file = batch_size, Path(out), fingerprint, fault_file
+        self.batch_size, self.out, self.fingerprint = batch_size, Path(out), fingerprint
+        self.after_batch = after_batch  # tests inject a fault here
 
     def score(self, url: str) -> dict[str, Any]:
-        from .reader import shard_name
-        from .score import shard_batches
-        from .writer import ShardRows
+        from .mapper import shard_batches
+        from .scorer import write_batches
 
-        rows = ShardRows(url, shard_name(url), self.models.names)
-        for batch in shard_batches(url, self.pre, self.batch_size):
-            if batch["end"]:
-                return rows.finish(self.out, self.fingerprint, batch["error"])
-            rows.add(self.models.rows(batch))
-            if self.fault_file and os.path.exists(self.fault_file):
-                os.remove(self.fault_file)  # fault injection for tests: die once, mid-shard
-                os._exit(1)
+        for stats in write_batches(shard_batches(url, self.pre, self.batch_size), self.models, self.out,
+                                   self.fingerprint, on_batch=self.after_batch and (lambda _: self.after_batch())):
+            return stats
         raise RuntimeError(f"{url}: shard ended without its end marker")
 
     def pid(self) -> int:
         return os.getpid()
 
 
-def score_with_ray(todo: list[str], profiles: list[tuple[str, Path]], bank_path: Path, out: Path, fingerprint: str,
-                   cfg, summary: dict[str, Any], progress: bool = True) -> None:
-    """Score the shards in ``todo`` on a Ray cluster, counting finished shards into ``summary``."""
+def run_ray(todo: list[str], profiles: list[tuple[str, Path]], bank_path: Path, out: Path, fingerprint: str,
+            cfg, summary: dict[str, Any], progress: bool = True, after_batch: Callable[[], Any] | None = None) -> None:
+    """Score the shards in ``todo`` on a Ray cluster, counting finished shards into ``summary``.
+
+    ``after_batch`` runs in the actor after each batch (tests use it to kill an actor mid-shard).
+    """
     try:
         import ray
         from ray.util import ActorPool
     except ImportError:
         raise LaionfilterError("--distributor ray needs Ray: pip install 'laionfilter[ray]'") from None
-    from .score import add_stats
+    from .scorer import add_stats
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, ignore_reinit_error=True, log_to_driver=False)
@@ -79,9 +71,8 @@ def score_with_ray(todo: list[str], profiles: list[tuple[str, Path]], bank_path:
     slots = gpus if use_gpu else int(ray.cluster_resources().get("CPU", 1))
     n = max(1, min(len(todo), cfg.ray_actors or slots))
     actor = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=-1, max_task_retries=3)(ShardScorer)
-    fault = os.environ.get("LAIONFILTER_FAULT_ONCE")
     actors = [actor.remote([(c, str(p)) for c, p in profiles], str(bank_path), "cuda" if use_gpu else "cpu",
-                           cfg.batch_size, str(out), fingerprint, cfg.compile, fault, cfg.cpu_chunk, cfg.max_pixels)
+                           cfg.batch_size, str(out), fingerprint, cfg.compile, cfg.cpu_chunk, cfg.max_pixels, after_batch)
               for _ in range(n)]
     bar = tqdm(total=len(todo), desc=f"score on Ray ({n} actors)", unit="shard", disable=not progress)
     images = 0

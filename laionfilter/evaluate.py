@@ -55,7 +55,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
     dev = pick_device(device)
     with learning_threads(bank, threads):
         methods = methods or default_methods(LearnConfig(device=str(dev)))
-        supports = read_ratings(table, eval_transform(bank.architecture))
+        supports = read_ratings(table, eval_transform(bank.architecture)).supports
         merger = Merger(bank, dev)
         runs: list[dict[str, Any]] = []
         # The bar counts learning steps (a baseline or a 0-step fit counts one), so it moves during a fit.

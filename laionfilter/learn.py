@@ -16,6 +16,7 @@ ordered pair in the batch, and keeps the learning rate constant.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
@@ -27,7 +28,6 @@ from tqdm.auto import tqdm
 
 from .bank import Bank
 from .errors import LaionfilterError
-from .finetune import cosine_lr
 from .merge import merge_weights
 from .metrics import srocc
 from .model import pick_device
@@ -68,6 +68,13 @@ class LearnConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def cosine_lr(step: int, total: int, start: float, end: float) -> float:
+    """Cosine annealing from ``start`` at step 0 to ``end`` at the last step."""
+    if total <= 1:
+        return start
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * step / (total - 1)))
 
 
 def init_coefficients(sroccs: torch.Tensor | list[float], n_layers: int, init: str = "adaptive",

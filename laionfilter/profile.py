@@ -17,28 +17,27 @@ import torch
 from . import __version__
 from .bank import Bank, find_bank
 from .errors import LaionfilterError
+from .formats import PROFILE_FORMAT, validate
 from .learn import LearnConfig, Merger, fit, learn_device, learning_threads
 from .log import note
 from .model import ScoreModel, eval_transform
 from .names import check_name, child_path
-from .ratings import ratings_fingerprint, read_ratings
+from .ratings import read_ratings
 from .safefiles import read_safetensors, write_safetensors
-from .tables import read_table
-
-PROFILE_FORMAT = "laionfilter.profile/1"
-
 
 @dataclass
 class Profile:
     alpha: torch.Tensor  # [n, L]
     meta: dict[str, Any]
+    path: Path | None = None  # the file it was read from or saved to
 
     @property
     def name(self) -> str:
         return self.meta["name"]
 
     def save(self, path: str | os.PathLike) -> Path:
-        return write_safetensors(path, {"alpha": self.alpha}, self.meta)
+        self.path = write_safetensors(path, {"alpha": self.alpha}, self.meta)
+        return self.path
 
     def check_bank(self, bank: Bank, source: str | os.PathLike = "profile") -> None:
         if self.meta["bank"]["fingerprint"] != bank.fingerprint:
@@ -60,33 +59,33 @@ class Profile:
 
 def load_profile(path: str | os.PathLike) -> Profile:
     tensors, meta = read_safetensors(path, what="profile")
-    if meta.get("format") != PROFILE_FORMAT or "alpha" not in tensors:
-        raise LaionfilterError(f"{path}: not a laionfilter profile")
+    validate(meta, PROFILE_FORMAT, path)
+    if "alpha" not in tensors:
+        raise LaionfilterError(f"{path}: not a laionfilter profile (no 'alpha' tensor)")
     check_name(meta.get("name"), "profile name", path)
     alpha = tensors["alpha"]
     want = (len(meta["tasks"]), meta["layers"])
     if tuple(alpha.shape) != want:
         raise LaionfilterError(f"{path}: coefficients have shape {tuple(alpha.shape)}, its metadata says {want}")
-    return Profile(alpha.float(), meta)
+    return Profile(alpha.float(), meta, Path(path))
 
 
 def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLike, cfg: LearnConfig = LearnConfig(),
                    shards: str | None = None, progress: bool = True, name: str | None = None,
-                   threads: int | None = None) -> list[Path]:
+                   threads: int | None = None) -> list[Profile]:
     """Learn one profile per user in the ratings file; ``out`` is a file, or a folder for several users.
 
     ``threads``: CPU threads (default: see ``learning_threads``)."""
     out = Path(out)
     with learning_threads(bank, threads):
         arch = bank.architecture
-        supports = read_ratings(ratings, eval_transform(arch), shards=shards, default_user=name or out.stem)
-        multi = "user" in read_table(ratings).column_names  # one profile per user, in a folder
+        table = read_ratings(ratings, eval_transform(arch), shards=shards, default_user=name or out.stem)
+        multi = table.per_user
         if multi:
             out.mkdir(parents=True, exist_ok=True)
         merger = Merger(bank, learn_device(cfg))
         written = []
-        fingerprint = ratings_fingerprint(ratings)
-        for sup in supports:
+        for sup in table.supports:
             if len(sup.scores) < 10:
                 note(f"user {sup.user!r}: {len(sup.scores)} images; the method is meant for 10 or more")
             result = fit(merger, sup.pixels, sup.scores, cfg, progress=progress, desc=f"learn {sup.user}")
@@ -106,12 +105,14 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
                 "support_srocc_after": result["support_srocc_after"],
                 "loss_curve": result["loss_curve"],
                 "seed": cfg.seed,
-                "ratings": {"path": str(ratings), "sha256": fingerprint, "images": len(sup.scores),
+                "ratings": {"path": str(ratings), "sha256": table.sha256, "images": len(sup.scores),
                             "score_min": float(np.min(sup.scores)), "score_max": float(np.max(sup.scores))},
                 "learn_seconds": result["seconds"],
             }
             path = child_path(out, sup.user, ".profile", "user") if multi else out
-            written.append(Profile(result["alpha"], meta).save(path))
+            profile = Profile(result["alpha"], meta)
+            profile.save(path)
+            written.append(profile)
         return written
 
 

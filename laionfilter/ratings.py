@@ -39,6 +39,16 @@ class Support:
     rows: list[list[int]]  # file row numbers behind each image
 
 
+@dataclass
+class Ratings:
+    """A validated ratings file: one support set per user, and what a profile records about the file."""
+
+    path: Path
+    supports: list[Support]
+    per_user: bool  # the file has a user column: one profile per user, in a folder
+    sha256: str
+
+
 def _report(path, problems: list[str]) -> None:
     if problems:
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
@@ -64,8 +74,8 @@ def _shard_images(shards: str, keys: set[str]) -> dict[str, bytes]:
 
 
 def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | None = None,
-                 default_user: str | None = None) -> list[Support]:
-    """Validate a ratings file and return one preprocessed support set per user."""
+                 default_user: str | None = None) -> Ratings:
+    """Validate a ratings file (read once) and return one preprocessed support set per user."""
     path = Path(path)
     table = read_table(path)
     require_columns(table, ["image", "score"], path)
@@ -166,8 +176,4 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
             pixels=torch.stack([pixels[k] for k in keys]),
             rows=[[i + 2 for i in per_image[k]] for k in keys],
         ))
-    return out
-
-
-def ratings_fingerprint(path: str | os.PathLike) -> str:
-    return file_sha256(path).hexdigest()
+    return Ratings(path, out, "user" in table.column_names, file_sha256(path).hexdigest())

@@ -1,4 +1,9 @@
-"""Scoring WebDataset shards with one or more profiles into the resumable Parquet folder.
+"""Scoring WebDataset shards with one or more profiles into the resumable Parquet folder: the run.
+
+The stages: ``reader`` (tar → samples) → ``mapper`` (samples → decoded batches and rows) → ``scorer``
+(merged models → scores; the one loop every runner shares) → ``writer`` (rows → Parquet parts, stats,
+manifest). This module plans a run (profiles → score columns, the bank, the manifest, the shards still
+to do) and hands it to a runner: ``scorer.run_local`` or ``distribute.run_ray``.
 
 Shards are split by rank (``--rank/--world-size`` or torchrun's ``RANK``/``WORLD_SIZE``), then by
 DataLoader worker, so each sample is read exactly once. Workers read, decode and preprocess, and an
@@ -15,22 +20,18 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
+from typing import Any
 
 from .bank import Bank
 from .errors import LaionfilterError
-from .images import MAX_PIXELS, ImageDecodeError, Preprocessor, decode
+from .images import MAX_PIXELS
 from .log import note
 from .names import check_distinct, check_name
 from .profile import Profile, load_profile
-from .reader import IMAGE_EXTS, Sample, ShardEnd, read_shard, shard_name
+from .reader import shard_name
 from .safefiles import file_sha256
-from .shards import expand_shards
-from .writer import FIXED_COLUMNS, ShardRows, prepare_output, shard_done
+from .shards import expand_shards, is_remote
+from .writer import FIXED_COLUMNS, prepare_output, shard_done
 
 
 @dataclass(frozen=True)
@@ -62,116 +63,6 @@ def rank_and_world(cfg: ScoreConfig) -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise LaionfilterError(f"rank {rank} is not within world size {world}")
     return rank, world
-
-
-def default_workers() -> int:
-    """One worker per core this process may use, shared with the other processes of a torchrun launch."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def sample_row(sample: Sample, shard: str, pre: Preprocessor) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """One output row (without scores) and the preprocessed pixels, or None with a status and error."""
-    meta = sample.meta()
-    row = {"key": sample.key, "shard": shard, "url": meta.get("url"), "caption": meta.get("caption"),
-           "width": meta.get("width"), "height": meta.get("height"), "status": "ok", "error": None}
-    image = sample.image
-    if image is None:
-        other = sorted(e for e in sample.files if not e.startswith("__"))
-        row["status"], row["error"] = "no_image", f"no {'/'.join(IMAGE_EXTS)} in sample (has: {', '.join(other) or 'nothing'})"
-        return row, None
-    try:
-        pixels = decode(image[1], pre.max_pixels)
-    except ImageDecodeError as e:
-        row["status"], row["error"] = e.kind, str(e)[:500]
-        return row, None
-    row["height"], row["width"] = int(pixels.shape[-2]), int(pixels.shape[-1])
-    return row, pre(pixels)
-
-
-def shard_batches(url: str, pre: Preprocessor, batch_size: int) -> Iterator[dict[str, Any]]:
-    """Batches of one shard's decoded samples (a batch never spans shards), then its end marker."""
-    name = shard_name(url)
-    rows, pixels, index = [], [], []
-
-    def batch() -> dict[str, Any]:
-        return {"url": url, "end": False, "rows": rows, "index": index,
-                "pixels": torch.stack(pixels) if pixels else None}
-
-    for item in read_shard(url):
-        if isinstance(item, ShardEnd):
-            if rows:
-                yield batch()
-            yield {"url": url, "end": True, "error": item.error}
-            return
-        row, px = sample_row(item, name, pre)
-        if px is not None:
-            index.append(len(rows))
-            pixels.append(px)
-        rows.append(row)
-        if len(rows) == batch_size:
-            yield batch()
-            rows, pixels, index = [], [], []
-
-
-class ShardBatches(IterableDataset):
-    """This DataLoader worker's shards (every num_workers-th), batch by batch.
-
-    With ``models`` (CPU scoring), each batch is scored in the worker and carries its output
-    ``columns`` instead of pixels.
-    """
-
-    def __init__(self, urls: list[str], preprocess: dict[str, Any], batch_size: int,
-                 models: "MergedModels | None" = None, max_pixels: int = MAX_PIXELS):
-        self.urls, self.preprocess, self.batch_size, self.models = urls, preprocess, batch_size, models
-        self.max_pixels = max_pixels
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        mine = self.urls[info.id::info.num_workers] if info else self.urls
-        if info:
-            torch.set_num_threads(1)  # one thread per worker process: the cores are shared
-        pre = Preprocessor(self.preprocess, self.max_pixels)
-        for url in mine:
-            for batch in shard_batches(url, pre, self.batch_size):
-                if self.models is not None and not batch["end"]:
-                    batch = {"url": url, "end": False, "columns": self.models.rows(batch)}
-                yield batch
-
-
-class MergedModels:
-    """Every profile's merged model, materialised once, in inference mode on one device."""
-
-    def __init__(self, profiles: list[tuple[str, Profile]], bank: Bank, device: torch.device, compile: bool = False,
-                 cpu_chunk: int | None = None):
-        from .model import autocast
-
-        self.device, self._autocast = device, autocast
-        self.chunk = cpu_chunk if device.type == "cpu" else None  # images per forward; None: the whole batch
-        self.models = []
-        for name, prof in profiles:
-            m = prof.model(bank).to(device).eval()
-            self.models.append((name, torch.compile(m) if compile else m))
-        self.names = [n for n, _ in self.models]
-
-    @torch.inference_mode()
-    def rows(self, batch: dict[str, Any]) -> dict[str, list]:
-        """The batch's output columns: its rows' fields and one score column per profile."""
-        n = len(batch["rows"])
-        scores = {name: [None] * n for name in self.names}
-        if batch["pixels"] is not None:
-            x = batch["pixels"].to(self.device, non_blocking=True)
-            step = self.chunk or len(x)
-            for name, model in self.models:
-                with self._autocast(self.device):
-                    y = torch.cat([model(x[j:j + step]).float() for j in range(0, len(x), step)]).cpu().tolist()
-                for i, v in zip(batch["index"], y):
-                    scores[name][i] = v
-        return {**{c: [r[c] for r in batch["rows"]] for c in FIXED_COLUMNS}, **scores}
-
-
-def _identity(x):
-    return x
 
 
 def _profile_files(spec: str | os.PathLike) -> list[tuple[str | None, Path]]:
@@ -207,26 +98,10 @@ def resolve_profiles(specs: list[str | os.PathLike]) -> list[tuple[str, Profile,
     return out
 
 
-def add_stats(summary: dict[str, Any], stats: dict[str, Any]) -> None:
-    """Count one finished shard into the run's summary."""
-    summary["samples"] += stats["samples"]
-    summary["scored"] += stats["ok"]
-    summary["failed_samples"] += stats["samples"] - stats["ok"]
-    if stats["status"] == "failed":
-        summary["failed"] += 1
-        summary["failed_shards"].append({"shard": stats["shard"], "error": stats["error"]})
-        note(f"{stats['shard']}: shard broke after {stats['samples']} samples ({stats['error']}); "
-             "its rows are kept and the next run redoes it")
-    else:
-        summary["done"] += 1
-
-
 def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out: str | os.PathLike,
                  bank: str | os.PathLike | Bank | None = None, cfg: ScoreConfig = ScoreConfig(),
                  progress: bool = True) -> dict[str, Any]:
     """Score every sample of the shards with every profile; returns the run's summary."""
-    from .model import pick_device
-
     out = Path(out)
     loaded = resolve_profiles(profiles)
     named = [(column, prof) for column, prof, _ in loaded]
@@ -235,9 +110,10 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
         prof.check_bank(the_bank, path)  # refuse before any work
     if cfg.distributor not in ("local", "ray"):
         raise LaionfilterError(f"distributor must be local or ray, not {cfg.distributor!r}")
-    device = pick_device(cfg.device) if cfg.distributor == "local" else None
-    if device is not None and device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = pick_device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # torchrun: one process per GPU
+    if cfg.distributor == "local":
+        from .scorer import scoring_device
+
+        device = scoring_device(cfg.device)  # refuse a missing GPU before any work
     rank, world = rank_and_world(cfg)
     urls = shards if isinstance(shards, list) else expand_shards(shards, cfg.allow_pipe)
     mine = urls[rank::world]
@@ -262,34 +138,16 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
                "failed_samples": 0, "failed_shards": [], "seconds": 0.0}
     started = time.time()
     if todo and cfg.distributor == "ray":
-        from .distribute import score_with_ray
+        from .distribute import run_ray
 
-        local = [u if u.startswith("pipe:") or "://" in u else str(Path(u).resolve()) for u in todo]  # for other cwds
-        score_with_ray(local, [(column, f.resolve()) for column, _, f in loaded], the_bank.path.resolve(),
-                       out.resolve(), fingerprint, cfg, summary, progress)
+        local = [u if is_remote(u) else str(Path(u).resolve()) for u in todo]  # for other cwds
+        run_ray(local, [(column, f.resolve()) for column, _, f in loaded], the_bank.path.resolve(), out.resolve(),
+                fingerprint, cfg, summary, progress)
     elif todo:
+        from .scorer import MergedModels, run_local
+
         models = MergedModels(named, the_bank, device, cfg.compile, cfg.cpu_chunk)
-        prof_names = models.names
-        workers = min(default_workers() if cfg.workers is None else cfg.workers, len(todo))
-        in_workers = models if device.type == "cpu" and workers else None  # forked workers share the weights
-        loader = DataLoader(ShardBatches(todo, the_bank.manifest["architecture"]["preprocess"], cfg.batch_size,
-                                         in_workers, cfg.max_pixels),
-                            batch_size=None, collate_fn=_identity, num_workers=workers,
-                            pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch if workers else None,
-                            persistent_workers=False)
-        open_shards: dict[str, ShardRows] = {}
-        bar = tqdm(desc=f"score {len(todo)} shard(s)", unit="img", disable=not progress, smoothing=0.1)
-        for batch in loader:
-            url = batch["url"]
-            rows = open_shards.setdefault(url, ShardRows(url, shard_name(url), prof_names))
-            if batch["end"]:
-                add_stats(summary, rows.finish(out, fingerprint, batch["error"]))
-                del open_shards[url]
-                continue
-            columns = batch["columns"] if "columns" in batch else models.rows(batch)
-            rows.add(columns)
-            bar.update(len(columns["key"]))
-        bar.close()
+        run_local(todo, models, the_bank, out, fingerprint, cfg, summary, progress)
     summary["seconds"] = round(time.time() - started, 2)
     summary["images_per_second"] = round(summary["samples"] / summary["seconds"], 1) if summary["seconds"] else 0.0
     return summary

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import LaionfilterError
+from .formats import SCORES_FORMAT, validate
 from .safefiles import atomic_write, read_json, write_json
 
-SCORES_FORMAT = "laionfilter.scores/1"
 FIXED_COLUMNS = ["key", "shard", "url", "caption", "width", "height", "status", "error"]
 
 
@@ -42,7 +42,7 @@ def prepare_output(out: Path, manifest: dict[str, Any], overwrite: bool) -> str:
     fp = manifest_fingerprint(manifest)
     path = out / "_manifest.json"
     if path.exists() and not overwrite:
-        old = read_json(path, what="scores manifest")
+        old = validate(read_json(path, what="scores manifest"), SCORES_FORMAT, path)
         if old.get("fingerprint") != fp:
             raise LaionfilterError(
                 f"{out}: holds scores made with other profiles, bank or preprocessing "
@@ -79,9 +79,12 @@ class ShardRows:
     def __post_init__(self):
         self.columns = {c: [] for c in FIXED_COLUMNS + self.profiles}
 
-    def add(self, rows: dict[str, list]) -> None:
-        for c, values in rows.items():
-            self.columns[c].extend(values)
+    def add(self, rows: list[dict[str, Any]], scores: dict[str, list[float | None]]) -> None:
+        """A batch's rows (the fixed columns) and their scores, one list per profile."""
+        for c in FIXED_COLUMNS:
+            self.columns[c].extend(r[c] for r in rows)
+        for p in self.profiles:
+            self.columns[p].extend(scores[p])
 
     def __len__(self) -> int:
         return len(self.columns["key"])

@@ -7,8 +7,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from laionfilter.finetune import FinetuneConfig, StageConfig, finetune  # noqa: E402
-from laionfilter.starter import StarterConfig, make_database  # noqa: E402
+from laionfilter.train.finetune import FinetuneConfig, StageConfig, finetune  # noqa: E402
+from laionfilter.train.starter import StarterConfig, make_database  # noqa: E402
 
 TINY = "lf-tiny-vit"
 SMALL = StarterConfig(train_crops=96, val_crops=48)
@@ -83,7 +83,7 @@ def profiles(small_bank, ratings_csv, tmp_path_factory) -> list[Path]:
     from laionfilter.profile import learn_profiles
 
     root = tmp_path_factory.mktemp("profiles")
-    a = learn_profiles(ratings_csv, small_bank, root / "alice.profile", LearnConfig(steps=3, device="cpu"), progress=False)[0]
+    a = learn_profiles(ratings_csv, small_bank, root / "alice.profile", LearnConfig(steps=3, device="cpu"), progress=False)[0].path
     b = learn_profiles(ratings_csv, small_bank, root / "bob.profile", LearnConfig(steps=3, device="cpu", init="uniform"),
-                       progress=False)[0]
+                       progress=False)[0].path
     return [a, b]

@@ -8,7 +8,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from laionfilter.starter import load_photo, random_crop
+from laionfilter.train.starter import load_photo, random_crop
 
 
 def jpeg(img: Image.Image, quality=90) -> bytes:

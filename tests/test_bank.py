@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from laionfilter.bank import build_bank, load_bank
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
-from laionfilter.finetune import finetune
+from laionfilter.train.finetune import finetune
 from laionfilter.safefiles import read_safetensors, write_safetensors
 
 from .conftest import quick_config
@@ -114,23 +114,28 @@ def test_cli_build_and_info(tasks, tmp_path):
     assert r.exit_code == 1 and "no such bank folder" in r.output and "Traceback" not in r.output
 
 
-def test_manifest_and_task_metadata_follow_the_schemas(bank32, tasks):
-    from pathlib import Path
+def test_every_file_is_validated_against_its_schema_on_load(bank32, tasks, profiles, tmp_path):
+    import shutil
 
-    import jsonschema
-    from referencing import Registry, Resource
-
-    schemas = {p.name: json.loads(p.read_text()) for p in (Path(__file__).parent.parent / "schemas").glob("*.json")}
-    registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in schemas.values())
-
-    def validate(obj, name):
-        jsonschema.Draft202012Validator(schemas[name], registry=registry).validate(obj)
+    from laionfilter.formats import BANK_FORMAT, PROFILE_FORMAT, TASK_FORMAT, validate
+    from laionfilter.profile import load_profile
 
     manifest = json.loads((bank32.path / "manifest.json").read_text())
-    validate(manifest, "bank-manifest.schema.json")
+    validate(manifest, BANK_FORMAT, "m")
     _, meta = read_safetensors(tasks[0])
-    validate(meta, "task.schema.json")
-    with pytest.raises(jsonschema.ValidationError):
-        validate(dict(manifest, layers="not a list"), "bank-manifest.schema.json")
-    with pytest.raises(jsonschema.ValidationError):
-        validate(dict(manifest, base={"spec": "x", "fingerprint": "nothex"}), "bank-manifest.schema.json")
+    validate(meta, TASK_FORMAT, "t")
+    with pytest.raises(LaionfilterError, match="m: malformed laionfilter.bank/1 metadata at layers"):
+        validate(dict(manifest, layers="not a list"), BANK_FORMAT, "m")
+    with pytest.raises(LaionfilterError, match="at base/fingerprint"):
+        validate(dict(manifest, base={"spec": "x", "fingerprint": "nothex"}), BANK_FORMAT, "m")
+    # on load: a bank whose manifest lost a field, a profile whose metadata lost one
+    broken = tmp_path / "bank"
+    shutil.copytree(bank32.path, broken)
+    (broken / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "shapes"}))
+    with pytest.raises(LaionfilterError, match="'shapes' is a required property"):
+        load_bank(broken)
+    tensors, pmeta = read_safetensors(profiles[0])
+    write_safetensors(tmp_path / "p.profile", tensors, {k: v for k, v in pmeta.items() if k != "layers"})
+    with pytest.raises(LaionfilterError, match="p.profile: malformed laionfilter.profile/1.*'layers'"):
+        load_profile(tmp_path / "p.profile")
+    validate(pmeta, PROFILE_FORMAT, "p")

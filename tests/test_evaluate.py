@@ -37,7 +37,7 @@ def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
     from laionfilter.model import eval_transform
     from laionfilter.ratings import read_ratings
 
-    sups = read_ratings(users_table, eval_transform(small_bank.architecture))
+    sups = read_ratings(users_table, eval_transform(small_bank.architecture)).supports
     merger = Merger(small_bank, __import__("torch").device("cpu"))
     for u, sup in enumerate(sups):
         preds = merger.task_predictions(sup.pixels)

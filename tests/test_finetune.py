@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from laionfilter import finetune as ft_module
+from laionfilter.train import finetune as ft_module
 from laionfilter.errors import LaionfilterError
-from laionfilter.finetune import FinetuneConfig, StageConfig, cosine_lr, finetune, load_job
+from laionfilter.learn import cosine_lr
+from laionfilter.train.finetune import FinetuneConfig, StageConfig, finetune, load_job
 from laionfilter.safefiles import read_safetensors
 
 from .conftest import quick_config

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from laionfilter.bank import resolve_bank
-from laionfilter.profile import PROFILE_FORMAT, Profile
+from laionfilter.formats import PROFILE_FORMAT
+from laionfilter.profile import Profile
 from laionfilter.score import ScoreConfig, score_shards
 
 from .helpers import write_shard

@@ -19,7 +19,7 @@ from laionfilter.learn import LearnConfig
 from laionfilter.names import check_name, child_path
 from laionfilter.profile import learn_profiles, load_profile
 from laionfilter.score import ScoreConfig, score_shards
-from laionfilter.starter import load_photo
+from laionfilter.train.starter import load_photo
 
 from .helpers import good_samples, jpeg, write_shard
 
@@ -69,7 +69,7 @@ def test_names_that_differ_only_in_case_collide(small_bank, ratings_csv, tmp_pat
 def test_unicode_names_are_kept_whole(small_bank, ratings_csv, tmp_path, shards):
     table = ratings_with_users(ratings_csv, tmp_path, ["zoë", "花子"])
     paths = learn_profiles(table, small_bank, tmp_path / "out", LearnConfig(steps=1, device="cpu"), progress=False)
-    assert sorted(p.name for p in paths) == sorted(["zoë.profile", "花子.profile"])
+    assert sorted(p.path.name for p in paths) == sorted(["zoë.profile", "花子.profile"])
     s = score_shards(str(shards), [tmp_path / "out"], tmp_path / "scores", bank=small_bank,
                      cfg=ScoreConfig(workers=0, device="cpu"), progress=False)
     assert set(s["columns"]) == {"zoë", "花子"}
@@ -353,7 +353,7 @@ def test_a_moved_bank_is_named_and_found_with_bank_or_by_fingerprint(small_bank,
     from laionfilter.bank import load_bank
 
     prof = learn_profiles(ratings_csv, load_bank(moved), tmp_path / "me.profile", LearnConfig(steps=1, device="cpu"),
-                          progress=False)[0]
+                          progress=False)[0].path
     moved.rename(tmp_path / "bank-b")
     r = run("score", shards, "--profile", prof, "--out", tmp_path / "s", "--workers", "0", "--device", "cpu")
     line = one_line_error(r)
@@ -374,7 +374,7 @@ def test_a_starter_profile_is_found_wherever_the_package_is(shards, tmp_path, mo
     for i, s in enumerate(good_samples("r", 6, seed=4)):
         (imgs / f"{i}.jpg").write_bytes(s["jpg"])
     ratings.write_text("image,score\n" + "".join(f"img/{i}.jpg,{i}\n" for i in range(6)))
-    prof = learn_profiles(ratings, starter, tmp_path / "me.profile", LearnConfig(steps=1, device="cpu"), progress=False)[0]
+    prof = learn_profiles(ratings, starter, tmp_path / "me.profile", LearnConfig(steps=1, device="cpu"), progress=False)[0].path
     tensors, meta = read_safetensors(prof)
     meta["bank"]["path"] = "relative/old/install/starter-bank"  # as recorded on another machine
     write_safetensors(prof, tensors, meta)

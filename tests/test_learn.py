@@ -77,11 +77,12 @@ def test_gradients_reach_only_the_coefficients(small_bank):
 
 def test_same_seed_same_profile_and_learning_helps(small_bank, ratings_csv, tmp_path):
     cfg = LearnConfig(steps=20, device="cpu")
-    a = load_profile(learn_profiles(ratings_csv, small_bank, tmp_path / "a.profile", cfg, progress=False)[0])
-    b = load_profile(learn_profiles(ratings_csv, small_bank, tmp_path / "b.profile", cfg, progress=False)[0])
+    a = learn_profiles(ratings_csv, small_bank, tmp_path / "a.profile", cfg, progress=False)[0]
+    b = learn_profiles(ratings_csv, small_bank, tmp_path / "b.profile", cfg, progress=False)[0]
     assert torch.equal(a.alpha, b.alpha)
-    c = load_profile(learn_profiles(ratings_csv, small_bank, tmp_path / "c.profile",
-                                    LearnConfig(steps=20, device="cpu", seed=1), progress=False)[0])
+    c = learn_profiles(ratings_csv, small_bank, tmp_path / "c.profile", LearnConfig(steps=20, device="cpu", seed=1),
+                       progress=False)[0]
+    assert torch.equal(load_profile(c.path).alpha, c.alpha) and load_profile(c.path).meta == c.meta
     assert not torch.equal(a.alpha, c.alpha)
     m = a.meta
     assert m["bank"]["fingerprint"] == small_bank.fingerprint and m["layers"] == 60 and len(m["tasks"]) == 3
@@ -92,7 +93,7 @@ def test_same_seed_same_profile_and_learning_helps(small_bank, ratings_csv, tmp_
 
 
 def test_layer_agnostic_keeps_one_coefficient_per_task(small_bank, ratings_csv):
-    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture))[0]
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     r = fit(Merger(small_bank, torch.device("cpu")), sup.pixels, sup.scores, LearnConfig(steps=5, layer_agnostic=True))
     assert r["alpha"].shape == (3, 60)
     assert torch.equal(r["alpha"], r["alpha"][:, :1].expand(3, 60))
@@ -101,7 +102,7 @@ def test_layer_agnostic_keeps_one_coefficient_per_task(small_bank, ratings_csv):
 def test_profile_model_is_the_merged_module_and_refuses_another_bank(small_bank, ratings_csv, tmp_path, tasks):
     from laionfilter.bank import build_bank
 
-    p = load_profile(learn_profiles(ratings_csv, small_bank, tmp_path / "p.profile", LearnConfig(steps=3), progress=False)[0])
+    p = learn_profiles(ratings_csv, small_bank, tmp_path / "p.profile", LearnConfig(steps=3), progress=False)[0]
     model = p.model(small_bank)
     assert isinstance(model, torch.nn.Module) and not model.training
     x = torch.randn(2, 3, 64, 64)
@@ -158,7 +159,7 @@ def test_duplicates_are_merged_by_mean_with_a_warning(tmp_path, small_bank, rati
 
     shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
     path = _write(tmp_path, "image,score\nimg/00.png,2\nimg/01.png,5\nimg/00.png,4\n")
-    sup = read_ratings(path, eval_transform(small_bank.architecture))[0]
+    sup = read_ratings(path, eval_transform(small_bank.architecture)).supports[0]
     assert len(sup.images) == 2 and sorted(sup.scores.tolist()) == [3.0, 5.0]
     assert "rows 2, 4 rate the same image" in capsys.readouterr().err
 
@@ -188,7 +189,7 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
 
 
 def test_recorded_start_is_the_initialisation_and_the_anchor_holds_alpha_near_it(small_bank, ratings_csv):
-    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture))[0]
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
     free = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3, anchor=0.0))
     expect = init_coefficients(free["zero_shot_srocc"], 60)
@@ -210,7 +211,7 @@ def test_anchor_penalty_is_anchor_over_support_size_times_the_summed_layer_mean(
 
 
 def test_the_default_recipe_is_anchored_and_anchor_zero_is_the_papers(small_bank, ratings_csv):
-    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture))[0]
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
     assert LearnConfig().anchor > 0
     moved = lambda r: (r["alpha"] - r["alpha_init"]).abs().mean().item()

@@ -91,7 +91,7 @@ def test_eval_transform_matches_open_clips_on_real_photos(photo):
     from open_clip.transform import PreprocessCfg, image_transform_v2
     from PIL import Image
 
-    from laionfilter.starter import load_photo
+    from laionfilter.train.starter import load_photo
 
     arch, _ = load_base("lf-tiny-vit")
     assert arch.preprocess["interpolation"] == "bicubic" and arch.preprocess["resize_mode"] == "shortest"

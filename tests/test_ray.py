@@ -1,8 +1,12 @@
 """Scoring on a local Ray instance gives the local runner's output, retries killed tasks, and resumes."""
 
+import functools
+import os
+
 import pyarrow.parquet as pq
 import pytest
 
+from laionfilter import distribute
 from laionfilter.score import ScoreConfig, score_shards
 
 
@@ -20,13 +24,19 @@ def _rows(out):
     return sorted(pq.read_table(sorted(out.glob("*.parquet"))).to_pylist(), key=lambda r: r["key"])
 
 
-def test_ray_matches_local_retries_and_resumes(local_ray, shards, profiles, small_bank, tmp_path, monkeypatch):  # noqa: F811
+def test_ray_matches_local_retries_and_resumes(local_ray, shards, profiles, small_bank, tmp_path, monkeypatch):
     local = tmp_path / "local"
     score_shards(str(shards), profiles, local, bank=small_bank, cfg=ScoreConfig(workers=0, device="cpu", batch_size=4),
                  progress=False)
     fault = tmp_path / "die-once"
     fault.write_text("")
-    monkeypatch.setenv("LAIONFILTER_FAULT_ONCE", str(fault))
+
+    def die_once():  # runs in the actor, after a batch: the first one to get here dies mid-shard
+        if fault.exists():
+            fault.unlink()
+            os._exit(1)
+
+    monkeypatch.setattr(distribute, "run_ray", functools.partial(distribute.run_ray, after_batch=die_once))
     out = tmp_path / "ray"
     cfg = ScoreConfig(device="cpu", batch_size=4, distributor="ray", ray_actors=2)
     s = score_shards(str(shards), profiles, out, bank=small_bank, cfg=cfg, progress=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from laionfilter import score as score_module
+from laionfilter import writer as writer_module
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
 from laionfilter.images import Preprocessor
@@ -97,7 +97,7 @@ def test_killed_run_resumes_to_the_same_result(shards, profiles, small_bank, tmp
     cfg = ScoreConfig(workers=0, batch_size=5, device="cpu")
     whole = tmp_path / "whole"
     score_shards(str(shards), profiles, whole, bank=small_bank, cfg=cfg, progress=False)
-    real_finish = score_module.ShardRows.finish
+    real_finish = writer_module.ShardRows.finish
     finished = []
 
     def finish_then_die(self, *a, **k):
@@ -106,10 +106,10 @@ def test_killed_run_resumes_to_the_same_result(shards, profiles, small_bank, tmp
         raise KeyboardInterrupt  # killed right after the first shard was written
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(score_module.ShardRows, "finish", finish_then_die)
+    monkeypatch.setattr(writer_module.ShardRows, "finish", finish_then_die)
     with pytest.raises(KeyboardInterrupt):
         score_shards(str(shards), profiles, out, bank=small_bank, cfg=cfg, progress=False)
-    monkeypatch.setattr(score_module.ShardRows, "finish", real_finish)
+    monkeypatch.setattr(writer_module.ShardRows, "finish", real_finish)
     assert len(finished) == 1 and len(list(out.glob("*_stats.json"))) == 1
     s = score_shards(str(shards), profiles, out, bank=small_bank, cfg=cfg, progress=False)
     assert (s["skipped"], s["done"]) == (1, 2)
@@ -207,7 +207,7 @@ def test_ratings_may_name_sample_keys_in_shards(shards, small_bank, tmp_path):
     keys = [f"00000{i:04d}" for i in range(7)] + [f"00002{i:04d}" for i in range(5)]
     ratings = tmp_path / "r.csv"
     ratings.write_text("image,score\n" + "\n".join(f"{k},{i % 5 + 1}" for i, k in enumerate(keys)) + "\n")
-    [sup] = read_ratings(ratings, eval_transform(small_bank.architecture), shards=str(shards))
+    [sup] = read_ratings(ratings, eval_transform(small_bank.architecture), shards=str(shards)).supports
     assert sup.images == keys and len(sup.pixels) == 12
     pre = Preprocessor(small_bank.architecture.preprocess)
     first = good_samples("00000", 7, seed=0)[0]

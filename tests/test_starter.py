@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from laionfilter.finetune import StageConfig
+from laionfilter.train.finetune import StageConfig
 from laionfilter.safefiles import read_json
-from laionfilter.starter import (CRITERIA, PHOTOS, StarterConfig, build_starter, degrade, image_stats,
+from laionfilter.train.starter import (CRITERIA, PHOTOS, StarterConfig, build_starter, degrade, image_stats,
                                  load_photo, load_starter_job, random_crop)
 
 ROOT = Path(__file__).parent.parent
@@ -96,7 +96,7 @@ def test_shipped_task_models_rank_degradations_of_unseen_photos(criterion):
         photo = load_photo(name)
         for _ in range(8):
             crop = CRITERIA[criterion]
-            from laionfilter.starter import usable_crop
+            from laionfilter.train.starter import usable_crop
 
             img = usable_crop(photo, crop, 64, rng)
             u = float(rng.uniform())

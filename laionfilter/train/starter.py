@@ -29,11 +29,13 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from .errors import LaionfilterError
-from .images import Preprocessor
-from .finetune import StageConfig, cosine_lr, finetune, FinetuneConfig
-from .model import HeadConfig, build_architecture, model_state
-from .safefiles import write_json, write_safetensors
+from ..errors import LaionfilterError
+from ..images import Preprocessor
+from ..formats import BASE_FORMAT
+from ..learn import cosine_lr
+from .finetune import FinetuneConfig, StageConfig, finetune
+from ..model import HeadConfig, build_architecture, model_state
+from ..safefiles import write_json, write_safetensors
 
 # Photos by split; a photo (and its near-duplicates) is on one side only.
 PHOTOS = {
@@ -302,7 +304,7 @@ def _pretrain_set(cfg: StarterConfig, size: int) -> tuple[list[Image.Image], np.
 def pretrain_base(cfg: StarterConfig, out: Path, progress: bool = True) -> Path:
     """θ_pre for the starter bank: the tiny ViT and its head pretrained on a generic objective."""
     arch, model = build_architecture(cfg.arch, HeadConfig(seed=cfg.seed))
-    from .model import eval_transform
+    from ..model import eval_transform
 
     transform = eval_transform(arch)
     size = transform.size[0]
@@ -332,14 +334,14 @@ def pretrain_base(cfg: StarterConfig, out: Path, progress: bool = True) -> Path:
         opt.step()
         if step % 20 == 0:
             bar.set_postfix(stats=f"{loss_stats.item():.4f}", quality=f"{loss_q.item():.4f}")
-    meta = {"format": "laionfilter.base/1", "architecture": arch.to_json(), "starter": cfg.to_json()}
+    meta = {"format": BASE_FORMAT, "architecture": arch.to_json(), "starter": cfg.to_json()}
     return write_safetensors(out, model_state(model), meta)
 
 
 def build_starter(out: str | os.PathLike, cfg: StarterConfig = StarterConfig(), progress: bool = True,
                   workdir: str | os.PathLike | None = None):
     """Build the starter bank into ``out`` (databases and task checkpoints kept under ``workdir``)."""
-    from .bank import build_bank
+    from ..bank import build_bank
 
     out = Path(out)
     work = Path(workdir) if workdir else out.with_name(out.name + ".work")

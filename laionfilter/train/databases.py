@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from .errors import LaionfilterError
-from .images import ImageDecodeError
-from .reader import IMAGE_EXTS
-from .tables import read_table, require_columns, resolve_path
+from ..errors import LaionfilterError
+from ..images import ImageDecodeError
+from ..reader import IMAGE_EXTS
+from ..tables import read_table, require_columns, resolve_path
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def open_database(database: str, transform, template, *, image_column="image", s
     if p.suffix.lower() in (".csv", ".tsv", ".tab", ".parquet", ".pq"):
         return open_table_database(p, transform, template, image_column=image_column, score_column=score_column,
                                    raw_range=raw_range, val_fraction=val_fraction, seed=seed)
-    from .shards import expand_shards
+    from ..shards import expand_shards
 
     urls = expand_shards(database)
     common = dict(score_key=score_key, raw_range=raw_range, val_fraction=val_fraction, seed=seed)

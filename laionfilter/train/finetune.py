@@ -7,7 +7,6 @@ configuration resumes from the last one.
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 import tomllib
@@ -20,15 +19,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from . import __version__
+from .. import __version__
 from .databases import ScoreRange, open_database
-from .errors import LaionfilterError
-from .log import note
-from .metrics import plcc, srocc
-from .model import SCALES, HeadConfig, autocast, eval_transform, layer_names, load_base, model_state, pick_device
-from .safefiles import read_json, read_safetensors, state_fingerprint, write_json, write_safetensors
+from ..errors import LaionfilterError
+from ..formats import TASK_FORMAT
+from ..learn import cosine_lr
+from ..log import note
+from ..metrics import plcc, srocc
+from ..model import SCALES, HeadConfig, autocast, eval_transform, layer_names, load_base, model_state, pick_device
+from ..safefiles import read_json, read_safetensors, state_fingerprint, write_json, write_safetensors
 
-TASK_FORMAT = "laionfilter.task/1"
 
 
 @dataclass(frozen=True)
@@ -106,13 +106,6 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> FinetuneConfi
     if d.get("scale", "1-10") not in SCALES:
         raise LaionfilterError(f"{source}: scale must be one of {', '.join(SCALES)}")
     return FinetuneConfig(**d)
-
-
-def cosine_lr(step: int, total: int, start: float, end: float) -> float:
-    """Cosine annealing from ``start`` at step 0 to ``end`` at the last step."""
-    if total <= 1:
-        return start
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * step / (total - 1)))
 
 
 def _batches(ds, batch_size: int, workers: int, seed: int, pin: bool) -> Iterator:
@@ -194,7 +187,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, resume
         state = read_json(ckpt / "state.json")
         if state.get("config") == cfg.identity():
             tensors, _ = read_safetensors(ckpt / "state.safetensors", what="checkpoint")
-            from .model import load_state
+            from ..model import load_state
 
             load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, ckpt)
             start_stage, start_step, history = state["stage"], state["step"], state.get("history", {})

@@ -1,0 +1,55 @@
+"""The package's shape: training code apart from the runtime, and no import circles."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import laionfilter
+
+PACKAGE = Path(laionfilter.__file__).parent
+RUNTIME = ["bank", "learn", "profile", "ratings", "evaluate", "score", "scorer", "mapper", "reader", "writer",
+           "distribute", "query", "guidance", "export", "authors", "images", "model"]
+
+
+def test_the_runtime_imports_no_training_code():
+    code = ("import sys\n" + "".join(f"import laionfilter.{m}\n" for m in RUNTIME)
+            + "print(sorted(m for m in sys.modules if m.startswith('laionfilter.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def _imports(path: Path) -> set[str]:
+    """laionfilter modules a module imports, at the top or inside functions (lazy imports count)."""
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    pkg = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = pkg[: len(pkg) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            names = [f"{target}.{a.name}" for a in node.names] if not node.module else []
+            found.update([target] + names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("laionfilter"):
+            found.add(node.module)
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts) for p in PACKAGE.rglob("*.py")}
+    return {m for m in found if m in modules and not m.endswith("__init__")} - {".".join(rel.parts)}
+
+
+def test_no_import_circles():
+    graph = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): _imports(p) for p in PACKAGE.rglob("*.py")}
+    assert "laionfilter.scorer" in graph["laionfilter.distribute"]  # the walk sees lazy imports
+
+    def cycle_from(start):
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    return path + [start]
+                if nxt not in path:
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    cycles = [c for m in graph if (c := cycle_from(m))]
+    assert not cycles, cycles[0]
