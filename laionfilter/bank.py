@@ -60,10 +60,16 @@ class Bank:
     def architecture(self) -> Architecture:
         return Architecture.from_json(self.manifest["architecture"])
 
-    def new_model(self) -> ScoreModel:
-        """An empty model of the bank's architecture (weights to be filled)."""
+    def new_model(self, template: tuple[float, ...] | None = None) -> ScoreModel:
+        """An empty model of the bank's architecture (weights to be filled).
+
+        Merged models dot with 1..10: a task's own template (0.5..5 for 1–5 databases) is 1..10 halved,
+        so it rescales that task's scores without changing any ranking; ``task_model`` uses it.
+        """
         arch = self.architecture
         _, model = build_architecture(arch.name, arch.head, arch.model_config, arch.preprocess)
+        if template is not None:
+            model.template = torch.tensor(template, dtype=torch.float32)
         return model
 
     def merged_state(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,13 +84,14 @@ class Bank:
         alpha[i] = 1
         return self.merged_state(alpha)
 
-    def model(self, state: dict[str, torch.Tensor]) -> ScoreModel:
-        m = self.new_model()
+    def model(self, state: dict[str, torch.Tensor], template: tuple[float, ...] | None = None) -> ScoreModel:
+        m = self.new_model(template)
         load_state(m, state, self.path)
         return m.eval()
 
     def task_model(self, i: int) -> ScoreModel:
-        return self.model(self.task_state(i))
+        """Task i's fine-tuned model, scoring on its database's own scale."""
+        return self.model(self.task_state(i), tuple(self.tasks[i]["template"]))
 
     def base_model(self) -> ScoreModel:
         return self.model(self.pre)

@@ -28,6 +28,28 @@ class _Group(click.Group):
             raise click.ClickException(f"{where}{e.strerror or e}") from None
 
 
+# Options shared by several commands: one spelling, one meaning, one help text.
+
+def device_option(default: str | None = "auto"):
+    return click.option("--device", default=default, help="auto, cpu, cuda or cuda:N.")
+
+
+def seed_option(default: int | None = 0):
+    return click.option("--seed", type=int, default=default, help="Random seed (splits, batch order, initialisation).")
+
+
+def bank_option(default: str | None = "starter"):
+    help = ("Bank folder, or 'starter' (the bank shipped in the package)" if default else
+            "Bank folder or 'starter' (default: the profiles' own, found by fingerprint)") + ". Env: LAIONFILTER_BANK."
+    return click.option("--bank", "bank_path", default=default, envvar="LAIONFILTER_BANK", help=help)
+
+
+threads_option = click.option(
+    "--threads", type=int, help="CPU threads for learning (default: 1 for small models such as the starter bank's, "
+                                "which slow down sharply beside other busy processes; every core otherwise).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="laionfilter")
 def cli() -> None:
@@ -44,9 +66,9 @@ def cli() -> None:
 @click.option("--score-range", nargs=2, type=float, help="Map raw scores LOW..HIGH linearly onto the template.")
 @click.option("--head-steps", type=int, help="Stage 1 (head only) steps.")
 @click.option("--backbone-steps", type=int, help="Stage 2 (everything) steps.")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@device_option(None)
 @click.option("--workers", type=int, help="DataLoader worker processes.")
-@click.option("--seed", type=int)
+@seed_option(None)
 @click.option("--no-resume", is_flag=True, help="Ignore an existing OUT.ckpt/ checkpoint.")
 def finetune(database, base, out, job, name, scale, score_range, head_steps, backbone_steps, device, workers, seed, no_resume):
     """Phase 1: fine-tune a score model on DATABASE (a table or WebDataset shards), once per database.
@@ -55,18 +77,12 @@ def finetune(database, base, out, job, name, scale, score_range, head_steps, bac
     Example:
       laionfilter finetune ava.parquet --job jobs/finetune-ava.toml --base ViT-B-16:laion2b_s34b_b88k --out ava.safetensors
     """
-    from .train.finetune import config_from_dict, finetune as run, load_job
+    from .train.finetune import config_from_dict, finetune as run, load_job, with_stage_steps
 
     opts = dict(database=database, base=base, name=name, scale=scale, score_range=score_range or None,
                 device=device, workers=workers, seed=seed)
     cfg = load_job(job, **opts) if job else config_from_dict({k: v for k, v in opts.items() if v is not None})
-    stages = {}
-    if head_steps is not None:
-        stages["head"] = {**cfg.to_json()["head"], "steps": head_steps}
-    if backbone_steps is not None:
-        stages["backbone"] = {**cfg.to_json()["backbone"], "steps": backbone_steps}
-    if stages:
-        cfg = config_from_dict({**cfg.to_json(), **stages})
+    cfg = with_stage_steps(cfg, head_steps, backbone_steps)
     meta = run(cfg, out, resume=not no_resume)
     m = meta["metrics"]
     click.echo(f"{out}: task {meta['name']!r} validation SROCC {m['val_srocc']:.3f} PLCC {m['val_plcc']:.3f} "
@@ -146,7 +162,7 @@ def bank_starter(out, job, workdir):
 
 @bank.command("info")
 @click.argument("bank_path", metavar="BANK", default="starter")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw the task-vector similarity matrix to a PNG.")
 def bank_info_cmd(bank_path, as_json, plot):
     """Show a bank's tasks, size, validation metrics and task-vector similarities.
@@ -188,20 +204,9 @@ def bank_info_cmd(bank_path, as_json, plot):
         click.echo(f"\n  similarity plot: {plot}")
 
 
-def _threads_option(f):
-    return click.option("--threads", type=int,
-                        help="CPU threads for learning (default: 1 for small models such as the starter bank's, "
-                             "which slow down sharply beside other busy processes; every core otherwise).")(f)
-
-
-def _bank_option(f):
-    return click.option("--bank", "bank_path", default="starter", envvar="LAIONFILTER_BANK",
-                        help="Bank folder, or 'starter' (the bank shipped in the package). Env: LAIONFILTER_BANK.")(f)
-
-
 @cli.command()
 @click.argument("ratings", type=click.Path(exists=True, dir_okay=False))
-@_bank_option
+@bank_option()
 @click.option("--out", required=True, type=click.Path(),
               help="Profile file, or a folder (one profile per user) when the ratings have a user column.")
 @click.option("--shards", help="WebDataset shards in which the ratings' image column names sample keys.")
@@ -216,9 +221,9 @@ def _bank_option(f):
 @click.option("--anchor", type=float,
               help="Beyond the paper: a penalty (anchor / support size) keeping the coefficients near their start "
                    "[default: 10]; 0 is the paper's recipe.")
-@click.option("--seed", type=int, default=0)
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@_threads_option
+@seed_option()
+@device_option()
+@threads_option
 def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, steps, lr, batch_size, anchor, seed,
           device, threads):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
@@ -232,7 +237,7 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     from .bank import resolve_bank
 
     cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, steps=steps,
-                      batch_size=batch_size, lr=lr, lr_end=lr / 10, seed=seed, device=device,
+                      batch_size=batch_size, lr=lr, seed=seed, device=device,
                       **({} if anchor is None else {"anchor": anchor}))
     for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
         m = profile.meta
@@ -242,7 +247,7 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
 
 @cli.command()
 @click.argument("profile_path", metavar="PROFILE", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw the coefficients per layer and task to a PNG.")
 def inspect(profile_path, as_json, plot):
     """Show a profile's coefficients per task, zero-shot SROCCs and support-set SROCC.
@@ -276,24 +281,23 @@ def inspect(profile_path, as_json, plot):
 
 @cli.command()
 @click.argument("table", type=click.Path(exists=True, dir_okay=False))
-@_bank_option
+@bank_option()
 @click.option("--shots", default="10,100", help="Support-set sizes K, comma-separated.")
 @click.option("--trials", type=int, default=10, help="Random support/test splits per user and K.")
 @click.option("--steps", type=int, default=500, help="Learning steps of the learned methods.")
-@click.option("--seed", type=int, default=0)
-@click.option("--device", default="auto")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every number to this JSON file.")
+@seed_option()
+@device_option()
+@json_option
+@click.option("--out", type=click.Path(dir_okay=False), help="Write every number (per user, trial, K, method) as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Per-user results as a PNG.")
-@_threads_option
-def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plot, threads):
+@threads_option
+def evaluate(table, bank_path, shots, trials, steps, seed, device, as_json, out, plot, threads):
     """Evaluate personalisation on a table of user, image, score (the paper's protocol, section 4.4).
 
     \b
     Example:
-      laionfilter evaluate realcur.csv --bank bank/ --shots 10,100 --trials 10 --json results.json
+      laionfilter evaluate realcur.csv --bank bank/ --shots 10,100 --trials 10 --out results.json
     """
-    from dataclasses import replace
-
     from .evaluate import default_methods, evaluate as run, markdown_table, plot_per_user
     from .learn import LearnConfig
     from .safefiles import write_json
@@ -304,15 +308,17 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
     except ValueError:
         raise click.BadParameter(f"{shots!r} is not a comma-separated list of integers", param_hint="--shots")
     methods = default_methods(LearnConfig(steps=steps, device=device))
-    methods = {k: (replace(v, steps=0) if not isinstance(v, str) and "0 steps" in k else v) for k, v in methods.items()}
     result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device, threads=threads)
-    click.echo(markdown_table(result))
-    if json_out:
-        write_json(json_out, result)
-        click.echo(f"\nevery number: {json_out}")
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(markdown_table(result))
+    if out:
+        write_json(out, result)
+        click.echo(f"\nevery number: {out}", err=as_json)
     if plot:
         plot_per_user(result, plot)
-        click.echo(f"per-user plot: {plot}")
+        click.echo(f"per-user plot: {plot}", err=as_json)
 
 
 @cli.command()
@@ -320,13 +326,12 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
 @click.option("--profile", "profiles", multiple=True, required=True, metavar="[NAME=]PATH",
               help="A profile file, or a folder of them; repeat for several users in one pass. The score column "
                    "is NAME, else the file's name (alice.profile → alice).")
-@click.option("--bank", "bank_path", envvar="LAIONFILTER_BANK",
-              help="Bank folder or 'starter' (default: the profiles' own, found by fingerprint).")
+@bank_option(None)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Scores folder (Parquet dataset).")
 @click.option("--batch-size", type=int, default=256)
 @click.option("--workers", type=int, help="DataLoader worker processes reading and decoding (and, on the CPU, "
               "scoring); default: one per core.")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@device_option()
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the merged models.")
 @click.option("--overwrite", is_flag=True, help="Redo shards already done (and replace another run's manifest).")
 @click.option("--rank", type=int, help="This process's share of the shards (default: $RANK or 0).")
@@ -337,7 +342,7 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, json_out, plo
 @click.option("--max-pixels", type=int, default=MAX_PIXELS, help="Larger images get status 'bomb' and no score.")
 @click.option("--allow-pipe", is_flag=True, help="Run pipe: lines of a SHARDS list file (shell commands).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any image could not be scored (default: only when a shard failed).")
-@click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
+@json_option
 def score(shards, profiles, bank_path, out, batch_size, workers, device, compile_, overwrite, rank, world_size,
           distributor, ray_address, max_pixels, allow_pipe, strict, as_json):
     """Score WebDataset shards with one or more profiles into a resumable Parquet folder.
@@ -511,7 +516,7 @@ def fetch(subset, out, image_size, processes, threads, options):
 @click.option("--pairs", type=int, default=10000, help="Preference pairs to draw.")
 @click.option("--margin", type=float, default=1.0, help="Least score difference within a pair.")
 @click.option("--group-by", help="Pair only images sharing this column (e.g. caption).")
-@click.option("--seed", type=int, default=0)
+@seed_option()
 def guidance(scores, profiles, out, top, bottom, pairs, margin, group_by, seed):
     """Write diffusion guidance sets: top-K exemplars, bottom-K negatives and preference pairs.
 

@@ -45,7 +45,7 @@ class LearnConfig:
     steps: int = 500
     batch_size: int = 32  # or the whole support set when smaller
     lr: float = 1e-2
-    lr_end: float = 1e-3
+    lr_end: float | None = None  # None: lr / 10
     seed: int = 0
     device: str = "auto"
     # Beyond the paper: a penalty (anchor / N) · Σ_i mean_l (α_i^l − α_i^l(0))² keeping the coefficients
@@ -55,6 +55,8 @@ class LearnConfig:
     anchor: float = 10.0
 
     def __post_init__(self):
+        if self.lr_end is None:
+            object.__setattr__(self, "lr_end", self.lr / 10)
         if self.init not in INITS:
             raise LaionfilterError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
         if self.loss not in LOSSES:

@@ -122,14 +122,24 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+def _parse_text(path: str | os.PathLike, what: str, kind: str, parse, errors) -> Any:
     path = Path(path)
     if not path.is_file():
         raise LaionfilterError(f"{path}: no such {what}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LaionfilterError(f"{path}: not valid JSON ({e})") from None
+        return parse(path.read_text())
+    except (*errors, UnicodeDecodeError) as e:
+        raise LaionfilterError(f"{path}: not valid {kind} ({e})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    return _parse_text(path, what, "JSON", json.loads, (json.JSONDecodeError,))
+
+
+def read_toml(path: str | os.PathLike, what: str = "job file") -> dict[str, Any]:
+    import tomllib
+
+    return _parse_text(path, what, "TOML", tomllib.loads, (tomllib.TOMLDecodeError,))
 
 
 def file_sha256(path: str | os.PathLike, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":

@@ -63,6 +63,18 @@ def test_a_task_from_another_base_is_refused(tasks, databases, tmp_path):
         build_bank([tasks[0], other], tmp_path / "bank")
 
 
+def test_a_task_model_scores_on_its_own_template(tasks, databases, tmp_path):
+    five = tmp_path / "five.safetensors"
+    finetune(quick_config(databases["noise"], "five", scale="1-5", score_range=(1.0, 10.0)), five, progress=False)
+    bank = build_bank([tasks[0], five], tmp_path / "bank", dtype="float32")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        on_its_scale = bank.task_model(1)(x)
+        merged = bank.model(bank.task_state(1))(x)  # what learning and scoring use: 1..10
+    torch.testing.assert_close(on_its_scale, merged / 2)  # 0.5..5 is 1..10 halved: the same ranking
+    assert float(on_its_scale.max()) <= 5
+
+
 def test_tampered_bank_is_refused(bank32, tmp_path):
     import shutil
 

@@ -48,8 +48,9 @@ def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
             assert got[ZERO_SHOT] == pytest.approx(srocc(sup.scores[t_idx], preds[:, t_idx].mean(0)), abs=1e-6)
             best = int(np.argmax([srocc(sup.scores[s_idx], p[s_idx]) for p in preds]))
             assert got[BEST_SINGLE] == pytest.approx(srocc(sup.scores[t_idx], preds[best, t_idx]), abs=1e-6)
-    table = markdown_table(result)
-    assert "| zero-shot ensemble |" in table and "5-shot SROCC" in table
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in markdown_table(result).splitlines()[2:]}
+    mean = next(x["mean"] for x in result["summary"] if x["method"] == ZERO_SHOT)
+    assert rows[ZERO_SHOT].startswith(f"{mean:.3f} ± ")  # the table shows the summary's numbers
     again = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False)
     assert again["runs"] == runs  # seeded: same splits, same numbers
 
@@ -72,11 +73,14 @@ def test_too_few_images_for_the_shots_are_skipped_with_a_note(users_table, small
 def test_cli_evaluate(users_table, small_bank, tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "5",
                                  "--trials", "1", "--steps", "2", "--device", "cpu",
-                                 "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
+                                 "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
-    assert "| learned, adaptive init (the paper) |" in r.output and "| MSE loss (adaptive) |" in r.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert len(data["runs"]) == 2 * len(data["methods"])
+    assert all(f"| {name} |" in r.output for name in data["methods"])
+    printed = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "5",
+                                       "--trials", "1", "--steps", "2", "--device", "cpu", "--json"])
+    assert json.loads(printed.stdout)["runs"] == data["runs"]  # --json prints what --out writes
     assert (tmp_path / "p.png").stat().st_size > 1000
     r = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "x"])
     assert r.exit_code == 2 and "comma-separated" in r.output

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +26,7 @@ from ..learn import cosine_lr
 from ..log import note
 from ..metrics import plcc, srocc
 from ..model import SCALES, HeadConfig, autocast, eval_transform, layer_names, load_base, model_state, pick_device
-from ..safefiles import read_json, read_safetensors, state_fingerprint, write_json, write_safetensors
+from ..safefiles import read_json, read_toml, read_safetensors, state_fingerprint, write_json, write_safetensors
 
 
 
@@ -77,15 +76,15 @@ class FinetuneConfig:
 
 def load_job(path: str | Path, **overrides: Any) -> FinetuneConfig:
     """A FinetuneConfig from a job file's ``[finetune]`` table, with non-None overrides applied."""
-    path = Path(path)
-    try:
-        job = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise LaionfilterError(f"{path}: no such job file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise LaionfilterError(f"{path}: not valid TOML ({e})") from None
-    section = dict(job.get("finetune", {}))
+    section = dict(read_toml(path).get("finetune", {}))
     return config_from_dict({**section, **{k: v for k, v in overrides.items() if v is not None}}, str(path))
+
+
+def with_stage_steps(cfg: FinetuneConfig, head_steps: int | None = None,
+                     backbone_steps: int | None = None) -> FinetuneConfig:
+    """``cfg`` with the step counts of its stages replaced where given (the CLI's --head-steps/--backbone-steps)."""
+    return replace(cfg, head=cfg.head if head_steps is None else replace(cfg.head, steps=head_steps),
+                   backbone=cfg.backbone if backbone_steps is None else replace(cfg.backbone, steps=backbone_steps))
 
 
 def config_from_dict(d: dict[str, Any], source: str = "config") -> FinetuneConfig:

@@ -19,7 +19,6 @@ import io
 import math
 import os
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from ..formats import BASE_FORMAT
 from ..learn import cosine_lr
 from .finetune import FinetuneConfig, StageConfig, finetune
 from ..model import HeadConfig, build_architecture, model_state
-from ..safefiles import write_json, write_safetensors
+from ..safefiles import read_toml, write_json, write_safetensors
 
 # Photos by split; a photo (and its near-duplicates) is on one side only.
 PHOTOS = {
@@ -215,7 +214,7 @@ class StarterConfig:
 
 
 def load_starter_job(path: str | Path) -> StarterConfig:
-    d = tomllib.loads(Path(path).read_text()).get("starter", {})
+    d = read_toml(path).get("starter", {})
     unknown = set(d) - {f.name for f in fields(StarterConfig)}
     if unknown:
         raise LaionfilterError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
