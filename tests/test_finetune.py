@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,3 +107,28 @@ def test_job_file_with_unknown_setting(tmp_path):
     job.write_text('[finetune]\ndatabase = "x.csv"\nbase = "lf-tiny-vit"\nlearning_rate = 3\n')
     with pytest.raises(LaionfilterError, match="unknown setting.*learning_rate"):
         load_job(job)
+
+
+def test_finetune_reads_shards_with_scores_in_their_json(databases, tmp_path):
+    import csv
+    import json
+
+    from .helpers import write_shard
+
+    with open(databases["sharpness"]) as f:
+        rows = list(csv.DictReader(f))[:60]
+    folder = databases["sharpness"].parent
+    samples = [{"__key__": f"k{i:04d}", "png": (folder / r["image"]).read_bytes(),
+                "json": json.dumps({"score": float(r["score"])}).encode()} for i, r in enumerate(rows)]
+    (tmp_path / "shards").mkdir()
+    for s in range(3):
+        write_shard(tmp_path / "shards" / f"{s:05d}.tar", samples[s::3])
+    cfg = quick_config(str(tmp_path / "shards"), "sharp-shards", workers=2)
+    meta = finetune(cfg, tmp_path / "t.safetensors", progress=False)
+    n_val = meta["metrics"]["n_val"]
+    assert 0 < n_val < 60 and meta["name"] == "sharp-shards"
+    # a broken shard is an error naming it, never a silent skip
+    data = (tmp_path / "shards" / "00001.tar").read_bytes()
+    (tmp_path / "shards" / "00001.tar").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LaionfilterError, match="00001.tar: cannot read shard"):
+        finetune(replace(cfg, workers=0), tmp_path / "u.safetensors", progress=False, resume=False)

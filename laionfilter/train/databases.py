@@ -19,7 +19,6 @@ from torch.utils.data import Dataset, IterableDataset
 
 from ..errors import LaionfilterError
 from ..images import ImageDecodeError
-from ..reader import IMAGE_EXTS
 from ..tables import read_table, require_columns, resolve_path
 
 
@@ -124,29 +123,58 @@ class ShardDatabase(IterableDataset):
         self.epoch = 0
 
     def __iter__(self):
-        import webdataset as wds
+        import random
 
-        pipeline = wds.WebDataset(self.urls, shardshuffle=False if self.want_val else len(self.urls),
-                                  nodesplitter=None, workersplitter=wds.split_by_worker, empty_check=False)
+        from torch.utils.data import get_worker_info
+
+        from ..reader import Sample, read_shard
+
+        info = get_worker_info()
+        # One shard order for all workers of a pass (so that they split it), a new one each pass: in a
+        # worker, the loader's base seed (seeded per epoch by the trainer); in this process, a counter.
+        if info:
+            base = info.seed - info.id
+        else:
+            base, self.epoch = self.seed * 100_003 + self.epoch, self.epoch + 1
+        urls = list(self.urls)
         if not self.want_val:
-            pipeline = pipeline.shuffle(self.shuffle)
-        for sample in pipeline:
-            key = sample["__key__"]
-            if _held_out(key, self.val_fraction, self.seed) != self.want_val:
-                continue
-            where = f"{sample.get('__url__', '?')}:{key}"
-            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-            if data is None or "json" not in sample:
-                raise LaionfilterError(f"{where}: sample has no image or no json")
-            meta = json.loads(sample["json"])
-            if self.score_key not in meta:
-                raise LaionfilterError(f"{where}: json has no {self.score_key!r}")
-            score = _check_scores(np.array([float(meta[self.score_key])]), where, self.template, self.raw_range)[0]
-            try:
-                pixels = self.transform(data)
-            except ImageDecodeError as e:
-                raise LaionfilterError(f"{where}: cannot decode image ({e.kind}: {e})") from None
-            yield pixels, torch.tensor(score, dtype=torch.float32)
+            random.Random(base).shuffle(urls)
+        if info:
+            urls = urls[info.id::info.num_workers]
+        rng = random.Random(base * 31 + (info.id if info else 0))
+        buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for url in urls:
+            for item in read_shard(url):  # the scorer's reader: a broken shard is reported, never skipped
+                if not isinstance(item, Sample):
+                    if item.error:
+                        raise LaionfilterError(f"{url}: cannot read shard ({item.error})")
+                    continue
+                if _held_out(item.key, self.val_fraction, self.seed) != self.want_val:
+                    continue
+                pair = self._example(url, item)
+                if self.want_val or not self.shuffle:
+                    yield pair
+                    continue
+                buffer.append(pair)
+                if len(buffer) >= self.shuffle:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _example(self, url: str, sample) -> tuple[torch.Tensor, torch.Tensor]:
+        where = f"{url}:{sample.key}"
+        image = sample.image
+        if image is None or "json" not in sample.files:
+            raise LaionfilterError(f"{where}: sample has no image or no json")
+        meta = json.loads(sample.files["json"])
+        if self.score_key not in meta:
+            raise LaionfilterError(f"{where}: json has no {self.score_key!r}")
+        score = _check_scores(np.array([float(meta[self.score_key])]), where, self.template, self.raw_range)[0]
+        try:
+            pixels = self.transform(image[1])
+        except ImageDecodeError as e:
+            raise LaionfilterError(f"{where}: cannot decode image ({e.kind}: {e})") from None
+        return pixels, torch.tensor(score, dtype=torch.float32)
 
 
 def open_database(database: str, transform, template, *, image_column="image", score_column="score",
