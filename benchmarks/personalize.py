@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from laionfilter.evaluate import default_methods, evaluate, markdown_table, plot_per_user
+from laionfilter.evaluate import default_methods, evaluate, markdown_table, plot_per_user, tune_methods
 from laionfilter.learn import LearnConfig
 from laionfilter.safefiles import write_json
 from laionfilter.bank import resolve_bank
@@ -73,11 +73,14 @@ def main() -> None:
     ap.add_argument("--bank", default="starter")
     ap.add_argument("--methods", default="", help="semicolon-separated subset of method names (default: all)")
     ap.add_argument("--anchors", default="", help="extra anchored variants to compare, e.g. 0.3,3")
+    ap.add_argument("--tunes", default="", help="instead: the default recipe with these --tune values, e.g. all,top-2,head")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/personalize"))
     args = ap.parse_args()
     bank = resolve_bank(args.bank)
     table = simulate_users(args.out / "data", args.users, args.images, args.seed)
     methods = default_methods(LearnConfig(steps=args.steps, device="cpu"))
+    if args.tunes:
+        methods = tune_methods(LearnConfig(steps=args.steps, device="cpu"), args.tunes.split(","))
     for a in filter(None, args.anchors.split(",")):
         methods[f"anchored {a}/N"] = LearnConfig(steps=args.steps, device="cpu", anchor=float(a))
     if args.methods:

@@ -215,6 +215,10 @@ def bank_info_cmd(bank_path, as_json, plot):
 @click.option("--temperature", type=float, default=1.0, help="T of the adaptive initialisation.")
 @click.option("--loss", type=click.Choice(["bt", "mse"]), default="bt", help="Bradley–Terry rank loss or MSE.")
 @click.option("--layer-agnostic", is_flag=True, help="One coefficient per task instead of per task and layer.")
+@click.option("--tune", default="all", show_default=True,
+              help="Layers whose coefficients are learned: all (the paper), top-N (the last N blocks and the head) "
+                   "or head; the others are fixed to 1/n, shared by every user, so scoring runs them once for all "
+                   "such profiles.")
 @click.option("--steps", type=int, default=500)
 @click.option("--lr", type=float, default=1e-2, help="Start of the cosine schedule (ends at lr/10).")
 @click.option("--batch-size", type=int, default=32)
@@ -224,8 +228,8 @@ def bank_info_cmd(bank_path, as_json, plot):
 @seed_option()
 @device_option()
 @threads_option
-def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, steps, lr, batch_size, anchor, seed,
-          device, threads):
+def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, tune, steps, lr, batch_size, anchor,
+          seed, device, threads):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -236,7 +240,7 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     from .profile import learn_profiles
     from .bank import resolve_bank
 
-    cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, steps=steps,
+    cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, tune=tune, steps=steps,
                       batch_size=batch_size, lr=lr, seed=seed, device=device,
                       **({} if anchor is None else {"anchor": anchor}))
     for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
@@ -285,20 +289,22 @@ def inspect(profile_path, as_json, plot):
 @click.option("--shots", default="10,100", help="Support-set sizes K, comma-separated.")
 @click.option("--trials", type=int, default=10, help="Random support/test splits per user and K.")
 @click.option("--steps", type=int, default=500, help="Learning steps of the learned methods.")
+@click.option("--tune", "tunes", help="Compare the default recipe learned with these --tune values (e.g. all,top-2,head) "
+                                      "instead of the paper's ablations.")
 @seed_option()
 @device_option()
 @json_option
 @click.option("--out", type=click.Path(dir_okay=False), help="Write every number (per user, trial, K, method) as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Per-user results as a PNG.")
 @threads_option
-def evaluate(table, bank_path, shots, trials, steps, seed, device, as_json, out, plot, threads):
+def evaluate(table, bank_path, shots, trials, steps, tunes, seed, device, as_json, out, plot, threads):
     """Evaluate personalisation on a table of user, image, score (the paper's protocol, section 4.4).
 
     \b
     Example:
       laionfilter evaluate realcur.csv --bank bank/ --shots 10,100 --trials 10 --out results.json
     """
-    from .evaluate import default_methods, evaluate as run, markdown_table, plot_per_user
+    from .evaluate import default_methods, evaluate as run, markdown_table, plot_per_user, tune_methods
     from .learn import LearnConfig
     from .safefiles import write_json
     from .bank import resolve_bank
@@ -307,7 +313,8 @@ def evaluate(table, bank_path, shots, trials, steps, seed, device, as_json, out,
         ks = tuple(int(k) for k in shots.split(","))
     except ValueError:
         raise click.BadParameter(f"{shots!r} is not a comma-separated list of integers", param_hint="--shots")
-    methods = default_methods(LearnConfig(steps=steps, device=device))
+    base = LearnConfig(steps=steps, device=device)
+    methods = tune_methods(base, tunes.split(",")) if tunes else default_methods(base)
     result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device, threads=threads)
     if as_json:
         _echo_json(result)

@@ -28,6 +28,12 @@ ZERO_SHOT = "zero-shot ensemble"
 BEST_SINGLE = "best single task"
 
 
+def tune_methods(base: LearnConfig, tunes: list[str]) -> dict[str, LearnConfig | str]:
+    """The zero-shot baselines and ``base`` (the default recipe) learned with each ``--tune`` value."""
+    return {ZERO_SHOT: ZERO_SHOT, BEST_SINGLE: BEST_SINGLE,
+            **{f"default recipe, tune {t}": replace(base, tune=t) for t in tunes}}
+
+
 def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
     """Method name → a LearnConfig (learned coefficients) or a zero-shot baseline's name.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
@@ -30,7 +31,7 @@ from .bank import Bank
 from .errors import LaionfilterError
 from .merge import merge_weights
 from .metrics import srocc
-from .model import pick_device
+from .model import count_blocks, layer_stage, pick_device
 
 INITS = ("adaptive", "uniform", "best-fit")
 LOSSES = ("bt", "mse")
@@ -53,6 +54,11 @@ class LearnConfig:
     # hold a 500-image support set as hard as a 10-image one; dividing by N lets the data outweigh it as
     # it grows (10 shots: weight 1, 100 shots: 0.1). 0 is the paper's recipe.
     anchor: float = 10.0
+    # Which layers' coefficients are learned: "all" (the paper), "top-N" (the last N transformer blocks,
+    # the layers after them and the head) or "head". The others are fixed to 1/n for every task, the
+    # same for every user, so that profiles share everything below their first tuned layer and the
+    # scorer can run that trunk once for all of them.
+    tune: str = "all"
 
     def __post_init__(self):
         if self.lr_end is None:
@@ -67,6 +73,10 @@ class LearnConfig:
             raise LaionfilterError("steps must be ≥ 0 and batch size ≥ 2")
         if self.anchor < 0:
             raise LaionfilterError("anchor must be ≥ 0")
+        if not re.fullmatch(r"all|head|top-\d+", self.tune):
+            raise LaionfilterError(f"tune must be all, head or top-N (N blocks), not {self.tune!r}")
+        if self.tune != "all" and self.layer_agnostic:
+            raise LaionfilterError("--tune and --layer-agnostic do not combine: choose one")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +87,17 @@ def cosine_lr(step: int, total: int, start: float, end: float) -> float:
     if total <= 1:
         return start
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * step / (total - 1)))
+
+
+def tuned_layers(layers: list[str], tune: str = "all") -> torch.Tensor:
+    """A bool per layer: is its coefficient learned under ``tune``?"""
+    if tune == "all":
+        return torch.ones(len(layers), dtype=torch.bool)
+    blocks = count_blocks(layers)
+    first = blocks + 2 if tune == "head" else blocks + 1 - int(tune.removeprefix("top-"))
+    if first < 1:
+        raise LaionfilterError(f"--tune {tune}: the model has only {blocks} blocks")
+    return torch.tensor([layer_stage(l, blocks) >= first for l in layers])
 
 
 def init_coefficients(sroccs: torch.Tensor | list[float], n_layers: int, init: str = "adaptive",
@@ -160,11 +181,15 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConf
         task_preds = merger.task_predictions(pixels)
     zs = zero_shot_sroccs(task_preds, scores)
     alpha0 = init_coefficients(zs, L, cfg.init, cfg.temperature)
+    tuned = tuned_layers(merger.layers, cfg.tune).to(device)
+    alpha0[:, ~tuned.cpu()] = 1.0 / n  # the shared, user-independent value of the layers not tuned
     if cfg.layer_agnostic:
         alpha0 = alpha0[:, 0].clone()
     # A copy: on the CPU .to() would share alpha0's storage, and the optimizer's in-place updates
     # would then move the recorded start (and the anchor's target) along with α.
     alpha = torch.nn.Parameter(alpha0.clone().to(device))
+    if not cfg.layer_agnostic and not bool(tuned.all()):
+        alpha.register_hook(lambda g: g * tuned)  # Adam moves a coefficient whose gradient is always 0 by 0
     start = alpha0.to(device)
     opt = torch.optim.Adam([alpha], lr=cfg.lr, weight_decay=0.0)
     x_all = pixels.to(device)
@@ -208,6 +233,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConf
         "support_srocc_before": before,
         "support_srocc_after": after,
         "loss_curve": _curve(losses),
+        "tuned": tuned.cpu(),
         "seconds": round(time.time() - started, 2),
     }
 

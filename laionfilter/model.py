@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,9 +98,71 @@ class ScoreModel(nn.Module):
         self.register_buffer("template", torch.tensor(template, dtype=torch.float32), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        probs = self.head(self.visual(images)).float()
+        return self.score(self.head(self.visual(images)))
+
+    def score(self, probs: torch.Tensor) -> torch.Tensor:
+        probs = probs.float()
         probs = probs / probs.sum(dim=-1, keepdim=True)
         return probs @ self.template
+
+    # Split forwards: the model as stages (see ``layer_stage``), so that profiles sharing their first
+    # stages can run them once. ``trunk(x, s)`` runs stages < s, ``tail(h, s)`` the rest, and
+    # ``tail(trunk(x, s), s)`` equals ``forward(x)`` for every s in 1..n_blocks + 2.
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    def splittable(self) -> bool:
+        """An OpenCLIP VisionTransformer, whose stages the split forwards know."""
+        v = self.visual
+        return all(hasattr(v, a) for a in ("_embeds", "_pool", "transformer", "proj")) and \
+            hasattr(v.transformer, "resblocks")
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        if not v.transformer.batch_first:
+            x = x.transpose(0, 1)
+        pooled, _ = v._pool(x)
+        return pooled @ v.proj if v.proj is not None else pooled
+
+    def trunk(self, images: torch.Tensor, split: int) -> torch.Tensor:
+        v, blocks = self.visual, self.n_blocks
+        x = v._embeds(images)
+        if not v.transformer.batch_first:
+            x = x.transpose(0, 1)
+        for r in v.transformer.resblocks[:min(split - 1, blocks)]:
+            x = r(x)
+        return self._finish(x) if split == blocks + 2 else x
+
+    def tail(self, h: torch.Tensor, split: int) -> torch.Tensor:
+        blocks = self.n_blocks
+        if split <= blocks + 1:
+            for r in self.visual.transformer.resblocks[split - 1:]:
+                h = r(h)
+            h = self._finish(h)
+        return self.score(self.head(h))
+
+
+_STEM = ("visual.conv1.", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.")
+_BLOCK = re.compile(r"visual\.transformer\.resblocks\.(\d+)\.")
+
+
+def count_blocks(layers: list[str]) -> int:
+    """Transformer blocks in a list of layer names."""
+    return len({m.group(1) for m in map(_BLOCK.match, layers) if m})
+
+
+def layer_stage(name: str, n_blocks: int) -> int:
+    """The stage a layer (parameter) belongs to, in forward order: 0 the stem (patch embedding, class and
+    position embeddings, ln_pre), 1..n_blocks the transformer blocks, n_blocks + 1 what follows them in
+    the tower (ln_post, proj), n_blocks + 2 the score head."""
+    if name.startswith("head."):
+        return n_blocks + 2
+    if name.startswith(_STEM):
+        return 0
+    m = _BLOCK.match(name)
+    return int(m.group(1)) + 1 if m else n_blocks + 1
 
 
 @dataclass(frozen=True)

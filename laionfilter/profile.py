@@ -99,7 +99,9 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
                 "layers": len(bank.layers),
                 "config": cfg.to_json(),
                 "init": {"method": cfg.init, "temperature": cfg.temperature,
-                         "alpha_per_task": result["alpha_init"][:, 0].tolist()},
+                         # the start of a learned layer (the others hold 1/n, see "tune")
+                         "alpha_per_task": result["alpha_init"][:, int(result["tuned"].nonzero()[0])].tolist(),
+                         "tune": cfg.tune, "fixed_layers": int((~result["tuned"]).sum()), "fixed_value": 1.0 / bank.n},
                 "zero_shot_srocc": dict(zip([t["name"] for t in bank.tasks], result["zero_shot_srocc"])),
                 "support_srocc_before": result["support_srocc_before"],
                 "support_srocc_after": result["support_srocc_after"],
