@@ -20,7 +20,7 @@ from . import __version__
 from .errors import LaionfilterError
 from .names import check_distinct, check_name
 from .formats import BANK_FORMAT, TASK_FORMAT, validate
-from .model import Architecture, BaseSpec, ScoreModel, build_architecture, layer_names, load_base, load_state, model_state
+from .model import SCALES, Architecture, BaseSpec, ScoreModel, build_architecture, layer_names, load_base, load_state, model_state
 from .safefiles import file_sha256, read_json, read_metadata, read_safetensors, state_fingerprint, write_json, write_safetensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -60,16 +60,16 @@ class Bank:
     def architecture(self) -> Architecture:
         return Architecture.from_json(self.manifest["architecture"])
 
-    def new_model(self, template: tuple[float, ...] | None = None) -> ScoreModel:
+    def new_model(self, template: tuple[float, ...] | None = None, empty: bool = False) -> ScoreModel:
         """An empty model of the bank's architecture (weights to be filled).
 
         Merged models dot with 1..10: a task's own template (0.5..5 for 1–5 databases) is 1..10 halved,
         so it rescales that task's scores without changing any ranking; ``task_model`` uses it.
         """
         arch = self.architecture
-        _, model = build_architecture(arch.name, arch.head, arch.model_config, arch.preprocess)
-        if template is not None:
-            model.template = torch.tensor(template, dtype=torch.float32)
+        _, model = build_architecture(arch.name, arch.head, arch.model_config, arch.preprocess, empty=empty)
+        if template is not None or empty:  # an empty model's buffers are on the meta device too
+            model.template = torch.tensor(template or SCALES["1-10"], dtype=torch.float32)
         return model
 
     def merged_state(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,8 +85,9 @@ class Bank:
         return self.merged_state(alpha)
 
     def model(self, state: dict[str, torch.Tensor], template: tuple[float, ...] | None = None) -> ScoreModel:
-        m = self.new_model(template)
-        load_state(m, state, self.path)
+        """A model holding ``state`` itself: built empty and assigned, so the weights exist once."""
+        m = self.new_model(template, empty=True)
+        load_state(m, state, self.path, assign=True)
         return m.eval()
 
     def task_model(self, i: int) -> ScoreModel:
@@ -94,7 +95,7 @@ class Bank:
         return self.model(self.task_state(i), tuple(self.tasks[i]["template"]))
 
     def base_model(self) -> ScoreModel:
-        return self.model(self.pre)
+        return self.model({k: v.clone() for k, v in self.pre.items()})  # its own weights, not the bank's
 
     def similarity(self) -> np.ndarray:
         """Cosine similarity of the flattened task vectors (the paper's Fig. 4)."""

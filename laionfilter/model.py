@@ -213,13 +213,14 @@ class _QuietRandomInit(logging.Filter):
         return "Model initialized randomly" not in record.getMessage()
 
 
-def _create_clip(arch: str, pretrained: str | None, seed: int) -> nn.Module:
+def _create_clip(arch: str, pretrained: str | None, seed: int, device: str | None = None) -> nn.Module:
     try:
         quiet = _QuietRandomInit()
         logging.getLogger().addFilter(quiet)
         try:
             with _seeded(seed):
-                clip = open_clip.create_model(arch, pretrained=pretrained, require_pretrained=bool(pretrained))
+                clip = open_clip.create_model(arch, pretrained=pretrained, require_pretrained=bool(pretrained),
+                                              **({"device": device} if device else {}))
         finally:
             logging.getLogger().removeFilter(quiet)
     except LaionfilterError:
@@ -232,8 +233,8 @@ def _create_clip(arch: str, pretrained: str | None, seed: int) -> nn.Module:
     return clip
 
 
-def _create_visual(arch: str, pretrained: str | None, seed: int) -> nn.Module:
-    clip = _create_clip(arch, pretrained, seed)
+def _create_visual(arch: str, pretrained: str | None, seed: int, device: str | None = None) -> nn.Module:
+    clip = _create_clip(arch, pretrained, seed, device)
     visual = clip.visual
     del clip
     return visual
@@ -247,11 +248,19 @@ def preprocess_of(visual: nn.Module) -> dict[str, Any]:
 
 
 def build_architecture(arch: str, head: HeadConfig = HeadConfig(), model_config: dict[str, Any] | None = None,
-                       preprocess: dict[str, Any] | None = None) -> tuple[Architecture, ScoreModel]:
-    """A randomly initialised score model of the given architecture (seeded: same arch, same weights)."""
+                       preprocess: dict[str, Any] | None = None, empty: bool = False) -> tuple[Architecture, ScoreModel]:
+    """A randomly initialised score model of the given architecture (seeded: same arch, same weights).
+
+    ``empty``: parameters on the meta device, neither allocated nor initialised (to be assigned), and
+    no text tower built on the way: 0.07 s for ViT-B-16 here against 1.6 s."""
     _ensure_arch_known(arch, model_config)
-    visual = _create_visual(arch, None, head.seed)
-    model = ScoreModel(visual, ScoreHead(visual.output_dim, head))
+    visual = _create_visual(arch, None, head.seed, "meta" if empty else None)
+    if empty:
+        with torch.device("meta"):
+            head_module = ScoreHead(visual.output_dim, head)
+    else:
+        head_module = ScoreHead(visual.output_dim, head)
+    model = ScoreModel(visual, head_module)
     pre = preprocess or preprocess_of(visual)
     return Architecture(arch, model_config or open_clip.get_model_config(arch), pre, head), model
 
@@ -286,8 +295,10 @@ def load_base_clip(spec: BaseSpec | str, head: HeadConfig = HeadConfig()
     return Architecture(spec.arch, open_clip.get_model_config(spec.arch), preprocess_of(visual), head), model, rest
 
 
-def load_state(model: ScoreModel, tensors: dict[str, torch.Tensor], source: str | Path, require_head: bool = True) -> None:
-    """Copy ``visual.*`` and ``head.*`` tensors into the model, checking names and shapes."""
+def load_state(model: ScoreModel, tensors: dict[str, torch.Tensor], source: str | Path, require_head: bool = True,
+               assign: bool = False) -> None:
+    """Copy ``visual.*`` and ``head.*`` tensors into the model, checking names and shapes; ``assign``
+    makes the tensors themselves the parameters (no copy; for a model built ``empty``)."""
     own = dict(model.named_parameters())
     wanted = [n for n in own if require_head or n.startswith("visual.")]
     missing = [n for n in wanted if n not in tensors]
@@ -296,16 +307,18 @@ def load_state(model: ScoreModel, tensors: dict[str, torch.Tensor], source: str 
             f"{source}: missing {len(missing)} of the model's {len(wanted)} tensors "
             f"(first: {', '.join(missing[:3])}); is it a checkpoint of this architecture?"
         )
+    for name, param in own.items():
+        if name in tensors and tuple(tensors[name].shape) != tuple(param.shape):
+            raise LaionfilterError(
+                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the model expects {tuple(param.shape)}"
+            )
+    if assign:
+        model.load_state_dict({n: tensors[n].to(own[n].dtype) for n in own}, strict=False, assign=True)
+        return
     with torch.no_grad():
         for name, param in own.items():
-            if name not in tensors:
-                continue
-            t = tensors[name]
-            if tuple(t.shape) != tuple(param.shape):
-                raise LaionfilterError(
-                    f"{source}: tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(param.shape)}"
-                )
-            param.copy_(t.to(param.dtype))
+            if name in tensors:
+                param.copy_(tensors[name].to(param.dtype))
 
 
 def layer_names(model: nn.Module) -> list[str]:

@@ -101,7 +101,9 @@ def resolve_profiles(specs: list[str | os.PathLike]) -> list[tuple[str, Profile,
 def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out: str | os.PathLike,
                  bank: str | os.PathLike | Bank | None = None, cfg: ScoreConfig = ScoreConfig(),
                  progress: bool = True) -> dict[str, Any]:
-    """Score every sample of the shards with every profile; returns the run's summary."""
+    """Score every sample of the shards with every profile; returns the run's summary (with ``timing``:
+    planning, building the models, the wait for the first batch and the streaming loop, in seconds)."""
+    planned = time.time()
     out = Path(out)
     loaded = resolve_profiles(profiles)
     named = [(column, prof) for column, prof, _ in loaded]
@@ -135,7 +137,8 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
 
     summary = {"columns": {column: str(f) for column, _, f in loaded}, "shards": len(mine), "skipped": skipped,
                "done": 0, "failed": 0, "samples": 0, "scored": 0,
-               "failed_samples": 0, "failed_shards": [], "seconds": 0.0}
+               "failed_samples": 0, "failed_shards": [], "seconds": 0.0,
+               "timing": {"plan_s": round(time.time() - planned, 3)}}
     started = time.time()
     if todo and cfg.distributor == "ray":
         from .distribute import run_ray
@@ -147,6 +150,7 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
         from .scorer import MergedModels, run_local
 
         models = MergedModels(named, the_bank, device, cfg.compile, cfg.cpu_chunk)
+        summary["timing"]["models_s"] = round(time.time() - started, 3)
         run_local(todo, models, the_bank, out, fingerprint, cfg, summary, progress)
     summary["seconds"] = round(time.time() - started, 2)
     summary["images_per_second"] = round(summary["samples"] / summary["seconds"], 1) if summary["seconds"] else 0.0

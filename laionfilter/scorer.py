@@ -9,6 +9,7 @@ DataLoader whose workers read and decode (``mapper``) and, on the CPU, also scor
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -120,7 +121,7 @@ class MergedModels:
         alphas = [prof.alpha for _, prof in profiles]
         for _, prof in profiles:
             prof.check_bank(bank)
-        skeleton = bank.new_model()
+        skeleton = bank.new_model(empty=True)  # only asked whether it splits
         blocks = count_blocks(bank.layers)
         if skeleton.splittable():
             stages = torch.tensor([layer_stage(l, blocks) for l in bank.layers])
@@ -231,9 +232,19 @@ def run_local(todo: list[str], models: MergedModels, bank: Bank, out, fingerprin
                         pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch if workers else None,
                         persistent_workers=False)
     bar = tqdm(desc=f"score {len(todo)} shard(s)", unit="img", disable=not progress, smoothing=0.1)
-    for stats in write_batches(loader, models, out, fingerprint, on_batch=lambda b: bar.update(len(b.rows))):
+    started, first = time.time(), []
+
+    def on_batch(b: Batch) -> None:
+        if not first:
+            first.append(time.time())  # workers started, first batch decoded (and on the CPU scored)
+        bar.update(len(b.rows))
+
+    for stats in write_batches(loader, models, out, fingerprint, on_batch=on_batch):
         add_stats(summary, stats)
     bar.close()
+    end = time.time()
+    summary.setdefault("timing", {}).update(first_batch_s=round((first[0] if first else end) - started, 3),
+                                            stream_s=round(end - (first[0] if first else end), 3))
 
 
 def add_stats(summary: dict[str, Any], stats: dict[str, Any]) -> None:
