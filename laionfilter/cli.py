@@ -206,6 +206,36 @@ def bank_info_cmd(bank_path, as_json, plot):
 
 
 @cli.command()
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The CSV the answers go to (resumed if it exists).")
+@click.option("--mode", type=click.Choice(["stars", "pairs"]), default="stars",
+              help="stars: one image, 1..scale; pairs: which of two is better (or a tie).")
+@click.option("--scale", type=click.Choice(["1-5", "1-10"]), default="1-10", help="Stars mode: the rating scale.")
+@click.option("--target", type=int, default=20, help="How many answers the progress bar counts towards.")
+@click.option("--user", help="Write a user column with this name (for a file several people rate).")
+@click.option("--from", "from_scores", type=click.Path(exists=True),
+              help="A scores folder: show images spread over its score range (its first profile), not only the top.")
+@click.option("--host", default="127.0.0.1", help="Address to serve on; anything but localhost is reachable by others.")
+@click.option("--port", type=int, default=0, help="Port (0: any free one).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+def rate(source, out, mode, scale, target, user, from_scores, host, port, open_browser):
+    """Rate images in the browser (stars or pairs) into a ratings file that learn reads.
+
+    SOURCE is a folder of images, a glob, or WebDataset shards (sample keys become the image ids, for
+    learn --shards). Every answer is on disk before the page moves on; rerun to resume.
+
+    \b
+    Example:
+      laionfilter rate photos/ --out my-ratings.csv --open
+      laionfilter rate shards/ --out pairs.csv --mode pairs --from scores.parquet
+    """
+    from .rate import run
+
+    run(source, out, mode=mode, scale=int(scale.split("-")[1]), target=target, user=user, host=host, port=port,
+        open_browser=open_browser, from_scores=from_scores, echo=click.echo)
+
+
+@cli.command()
 @click.argument("ratings", type=click.Path(exists=True, dir_okay=False))
 @bank_option()
 @click.option("--out", required=True, type=click.Path(),

@@ -1,5 +1,8 @@
 """The paper's evaluation protocol (section 4.4): per user, K support images, test on the rest.
 
+For a pairs file the same protocol runs over answered pairs: K support pairs, test on the others, with
+the pair agreement (2·fraction ordered the user's way − 1) in place of SROCC (the field keeps its name).
+
 For each user and each K in ``shots``, ``trials`` random support sets are drawn (seeded; every method
 sees the same split), each method is fitted on the support set only, and its SROCC on the user's
 remaining images is recorded at the final step (never the best step on the test set). Reported per
@@ -18,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .bank import Bank
 from .errors import LaionfilterError
-from .learn import LearnConfig, Merger, fit, learning_threads
+from .learn import LearnConfig, Merger, fit, learning_threads, pair_agreement
 from .log import note
 from .metrics import srocc
 from .model import eval_transform, pick_device
@@ -66,37 +69,48 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
         runs: list[dict[str, Any]] = []
         # The bar counts learning steps (a baseline or a 0-step fit counts one), so it moves during a fit.
         cost = {name: (max(1, m.steps) if isinstance(m, LearnConfig) else 1) for name, m in methods.items()}
-        total = sum(1 for s in supports for k in shots if len(s.scores) - k >= min_test) * trials * sum(cost.values())
+        size = lambda sup: len(sup.scores) if sup.pairs is None else len(sup.pairs)  # noqa: E731 (images or pairs)
+        total = sum(1 for s in supports for k in shots if size(s) - k >= min_test) * trials * sum(cost.values())
         bar = tqdm(total=total, desc="evaluate", unit="step", disable=not progress)
         for u_index, sup in enumerate(supports):
             task_preds = merger.task_predictions(sup.pixels)  # [n, N], shared by every split and method
-            n_img = len(sup.scores)
+            n_items = size(sup)
+            what = "images" if sup.pairs is None else "pairs"
             for k in shots:
-                if n_img - k < min_test:
-                    note(f"user {sup.user!r}: {n_img} images, too few for {k} shots plus {min_test} test images; skipped")
+                if n_items - k < min_test:
+                    note(f"user {sup.user!r}: {n_items} {what}, too few for {k} shots plus {min_test} test {what}; skipped")
                     continue
                 for trial in range(trials):
                     rng = np.random.default_rng([seed, u_index, k, trial])
-                    perm = rng.permutation(n_img)
+                    perm = rng.permutation(n_items)
                     sup_idx, test_idx = np.sort(perm[:k]), np.sort(perm[k:])
-                    y_sup, y_test = sup.scores[sup_idx], sup.scores[test_idx]
-                    if len(set(y_sup.tolist())) < 2:
-                        note(f"user {sup.user!r} trial {trial}: {k} support images with a single score; skipped")
-                        bar.update(sum(cost.values()))
-                        continue
-                    zs = [srocc(y_sup, p[sup_idx]) for p in task_preds]
+                    if sup.pairs is None:  # K rated images; the rest are the test set
+                        y_sup = sup.scores[sup_idx]
+                        if len(set(y_sup.tolist())) < 2:
+                            note(f"user {sup.user!r} trial {trial}: {k} support images with a single score; skipped")
+                            bar.update(sum(cost.values()))
+                            continue
+                        on_support = lambda pred: srocc(y_sup, pred[sup_idx])  # noqa: E731
+                        on_test = lambda pred: srocc(sup.scores[test_idx], pred[test_idx])  # noqa: E731
+                        data = dict(pixels=sup.pixels[sup_idx], scores=y_sup, pairs=None,
+                                    task_preds=task_preds[:, sup_idx])
+                    else:  # K answered pairs; the other pairs are the test set, agreement in place of SROCC
+                        on_support = lambda pred: pair_agreement(sup.pairs[sup_idx], pred)  # noqa: E731
+                        on_test = lambda pred: pair_agreement(sup.pairs[test_idx], pred)  # noqa: E731
+                        data = dict(pixels=sup.pixels, scores=None, pairs=sup.pairs[sup_idx], task_preds=task_preds)
+                    zs = [on_support(p) for p in task_preds]
                     trial_seed = int(rng.integers(2**31))  # one batch order for every method in this split
                     for name, method in methods.items():
                         if method == ZERO_SHOT:
-                            pred = task_preds[:, test_idx].mean(axis=0)
+                            pred = task_preds.mean(axis=0)
                         elif method == BEST_SINGLE:
-                            pred = task_preds[int(np.argmax(zs)), test_idx]
+                            pred = task_preds[int(np.argmax(zs))]
                         else:
-                            r = fit(merger, sup.pixels[sup_idx], y_sup, replace(method, seed=trial_seed),
-                                    task_preds=task_preds[:, sup_idx], on_step=lambda: bar.update(1))
-                            pred = merger.predict(r["alpha"], sup.pixels[test_idx])
+                            r = fit(merger, data["pixels"], data["scores"], replace(method, seed=trial_seed),
+                                    task_preds=data["task_preds"], pairs=data["pairs"], on_step=lambda: bar.update(1))
+                            pred = merger.predict(r["alpha"], sup.pixels)
                         runs.append({"user": sup.user, "shots": k, "trial": trial, "method": name,
-                                     "srocc": srocc(y_test, pred)})
+                                     "srocc": on_test(pred)})
                         if not isinstance(method, LearnConfig) or not method.steps:
                             bar.update(1)
         bar.close()

@@ -168,18 +168,30 @@ def zero_shot_sroccs(task_preds: np.ndarray, scores: np.ndarray) -> list[float]:
     return [srocc(scores, p) for p in task_preds]
 
 
-def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig, progress: bool = False,
+def pair_agreement(pairs: np.ndarray, pred: np.ndarray) -> float:
+    """Kendall-style agreement with pairwise answers, in [-1, 1]: the fraction of (preferred, other) pairs
+    a prediction orders the user's way, rescaled as 2f − 1 (a predicted tie counts half). It stands in
+    for SROCC where the user gave pairs rather than scores (the adaptive initialisation, support fit)."""
+    return float(np.mean(np.sign(pred[pairs[:, 0]] - pred[pairs[:, 1]])))
+
+
+def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: LearnConfig, progress: bool = False,
         task_preds: np.ndarray | None = None, desc: str = "learn",
-        on_step: Callable[[], Any] | None = None) -> dict[str, Any]:
+        on_step: Callable[[], Any] | None = None, pairs: np.ndarray | None = None) -> dict[str, Any]:
     """Learn α on one support set; returns α ([n, L]) and what happened on the way.
 
-    ``on_step`` is called once per step (an outer progress bar's update).
+    The support set is scored images (``scores``), or pairwise answers (``pairs``: (preferred, other)
+    image indices), whose Bradley–Terry loss is taken over those pairs and whose agreement measure is
+    ``pair_agreement`` in place of SROCC. ``on_step`` is called once per step (an outer progress bar).
     """
     device = merger.device
     n, L = merger.bank.n, len(merger.layers)
+    if pairs is not None and cfg.loss != "bt":
+        raise LaionfilterError("pairwise answers train with the Bradley–Terry loss only (--loss bt)")
+    metric = (lambda pred: pair_agreement(pairs, pred)) if pairs is not None else (lambda pred: srocc(scores, pred))
     if task_preds is None:
         task_preds = merger.task_predictions(pixels)
-    zs = zero_shot_sroccs(task_preds, scores)
+    zs = [metric(p) for p in task_preds]
     alpha0 = init_coefficients(zs, L, cfg.init, cfg.temperature)
     tuned = tuned_layers(merger.layers, cfg.tune).to(device)
     alpha0[:, ~tuned.cpu()] = 1.0 / n  # the shared, user-independent value of the layers not tuned
@@ -193,14 +205,17 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConf
     start = alpha0.to(device)
     opt = torch.optim.Adam([alpha], lr=cfg.lr, weight_decay=0.0)
     x_all = pixels.to(device)
-    y_raw = torch.as_tensor(scores, dtype=torch.float32, device=device)
-    template = merger.model.template
-    lo, hi = float(template[0]), float(template[-1])
-    y_mse = lo + (hi - lo) * (y_raw - y_raw.min()) / (y_raw.max() - y_raw.min())  # user scale → template scale
+    if pairs is None:
+        y_raw = torch.as_tensor(scores, dtype=torch.float32, device=device)
+        template = merger.model.template
+        lo, hi = float(template[0]), float(template[-1])
+        y_mse = lo + (hi - lo) * (y_raw - y_raw.min()) / (y_raw.max() - y_raw.min())  # user scale → template scale
+    else:
+        pair_t = torch.as_tensor(pairs, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    batch = min(cfg.batch_size, len(x_all))
+    batch = min(cfg.batch_size, len(x_all) if pairs is None else len(pairs))
     losses: list[float] = []
-    before = srocc(scores, merger.predict(alpha.detach(), pixels))
+    before = metric(merger.predict(alpha.detach(), pixels))
     started = time.time()
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
@@ -208,9 +223,15 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConf
             on_step()
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_end)
-        idx = torch.randperm(len(x_all), generator=gen)[:batch].to(device)
-        pred = merger.forward(merger.state(alpha), x_all[idx]).float()
-        loss = bradley_terry_loss(pred, y_raw[idx]) if cfg.loss == "bt" else mse_loss(pred, y_mse[idx], hi - lo)
+        if pairs is None:
+            idx = torch.randperm(len(x_all), generator=gen)[:batch].to(device)
+            pred = merger.forward(merger.state(alpha), x_all[idx]).float()
+            loss = bradley_terry_loss(pred, y_raw[idx]) if cfg.loss == "bt" else mse_loss(pred, y_mse[idx], hi - lo)
+        else:  # a batch of the given pairs, each image run once
+            chosen = pair_t[torch.randperm(len(pair_t), generator=gen)[:batch].to(device)]
+            used, where = torch.unique(chosen, return_inverse=True)
+            pred = merger.forward(merger.state(alpha), x_all[used]).float()
+            loss = torch.nn.functional.softplus(-(pred[where[:, 0]] - pred[where[:, 1]])).mean()
         if loss is None:  # every image in this batch has the same score: no pair to learn from
             continue
         if cfg.anchor:
@@ -225,7 +246,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConf
     if cfg.layer_agnostic:
         alpha_full = alpha_full[:, None].expand(n, L)
     alpha_full = alpha_full.float().cpu().contiguous()
-    after = srocc(scores, merger.predict(alpha_full, pixels))
+    after = metric(merger.predict(alpha_full, pixels))
     return {
         "alpha": alpha_full,
         "alpha_init": (alpha0[:, None].expand(n, L) if cfg.layer_agnostic else alpha0).float().cpu().contiguous(),

@@ -86,9 +86,10 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
         merger = Merger(bank, learn_device(cfg))
         written = []
         for sup in table.supports:
-            if len(sup.scores) < 10:
-                note(f"user {sup.user!r}: {len(sup.scores)} images; the method is meant for 10 or more")
-            result = fit(merger, sup.pixels, sup.scores, cfg, progress=progress, desc=f"learn {sup.user}")
+            if len(sup.images) < 10:
+                note(f"user {sup.user!r}: {len(sup.images)} images; the method is meant for 10 or more")
+            result = fit(merger, sup.pixels, sup.scores, cfg, progress=progress, desc=f"learn {sup.user}",
+                         pairs=sup.pairs)
             meta = {
                 "format": PROFILE_FORMAT,
                 "laionfilter_version": __version__,
@@ -107,8 +108,10 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
                 "support_srocc_after": result["support_srocc_after"],
                 "loss_curve": result["loss_curve"],
                 "seed": cfg.seed,
-                "ratings": {"path": str(ratings), "sha256": table.sha256, "images": len(sup.scores),
-                            "score_min": float(np.min(sup.scores)), "score_max": float(np.max(sup.scores))},
+                "ratings": {"path": str(ratings), "sha256": table.sha256, "images": len(sup.images),
+                            **({"score_min": float(np.min(sup.scores)), "score_max": float(np.max(sup.scores))}
+                               if sup.pairs is None else {"pairs": len(sup.pairs), "ties": len(sup.ties)})},
+                "support_metric": "SROCC" if sup.pairs is None else "pair agreement (2·fraction ordered − 1)",
                 "learn_seconds": result["seconds"],
             }
             path = child_path(out, sup.user, ".profile", "user") if multi else out

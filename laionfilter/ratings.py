@@ -1,4 +1,5 @@
-"""A user's few-shot ratings: CSV, TSV or Parquet with ``image`` and ``score`` (and optionally ``user``).
+"""A user's few-shot ratings: CSV, TSV or Parquet with ``image`` and ``score`` (and optionally ``user``),
+or pairwise answers with ``image_a``, ``image_b`` and ``winner`` (a, b or tie).
 
 ``image`` is a path (absolute, or relative to the ratings file) or, with ``shards``, a sample key in
 those WebDataset shards. Every problem is collected and reported at once, by row number, before anything
@@ -34,9 +35,11 @@ class Support:
 
     user: str
     images: list[str]  # resolved path or shard key, one per distinct image
-    scores: np.ndarray  # float64, mean over duplicate rows
+    scores: np.ndarray | None  # float64, mean over duplicate rows; None for pairwise answers
     pixels: torch.Tensor  # [N, 3, H, W], the bank's eval transform applied
     rows: list[list[int]]  # file row numbers behind each image
+    pairs: np.ndarray | None = None  # [P, 2]: (preferred, other) image indices, pairwise answers only
+    ties: np.ndarray | None = None  # [T, 2]: pairs answered as a tie (kept, not learned from)
 
 
 @dataclass
@@ -73,21 +76,87 @@ def _shard_images(shards: str, keys: set[str]) -> dict[str, bytes]:
     return found
 
 
+def _users(table, path: Path, default_user: str | None, problems: list[str]) -> list[str]:
+    """The user of each row (checked: plain, distinct), or one default; a bad name is reported here once."""
+    n = table.num_rows
+    if "user" not in table.column_names:
+        return [check_name(default_user or path.stem, "profile name", path)] * n
+    users = [unicodedata.normalize("NFC", str(u)) if u is not None else "" for u in table.column("user").to_pylist()]
+    for i, u in enumerate(users):
+        if not u:
+            problems.append(f"row {i + 2}: user is empty")
+        elif not is_plain_name(u):
+            problems.append(f"row {i + 2}: user {u!r} is not a plain name (letters, digits, '_', '-', '.'; "
+                            "it names the profile file and the score column)")
+            users[i] = ""  # reported once, here
+    try:
+        check_distinct(dict.fromkeys(u for u in users if u), "users")
+    except LaionfilterError as e:
+        problems.append(str(e))
+    return users
+
+
+def _images(values: list, path: Path, shards: str | None, transform: Callable, problems: list[str],
+            column: str = "image") -> tuple[list[str | None], dict[str, torch.Tensor]]:
+    """Each row's image reference (resolved path or shard key; None if missing or unreadable) and the
+    pixels of each distinct image, decoded once."""
+    n = len(values)
+    refs: list[str | None] = [None] * n
+    sources: dict[str, bytes | Path] = {}
+    if shards:
+        wanted = {str(v) for v in values if v is not None}
+        found = _shard_images(shards, wanted)
+        for i, v in enumerate(values):
+            if v is None or str(v) not in found:
+                problems.append(f"row {i + 2}: sample key {v!r} not found in {shards}")
+            else:
+                refs[i] = str(v)
+                sources[str(v)] = found[str(v)]
+    else:
+        for i, v in enumerate(values):
+            if v is None or str(v) == "":
+                problems.append(f"row {i + 2}: {column} is empty")
+                continue
+            p = resolve_path(str(v), path.parent)
+            if not p.is_file():
+                problems.append(f"row {i + 2}: {column} {v!r} not found (looked for {p})")
+                continue
+            refs[i] = str(p.resolve())
+            sources[refs[i]] = p
+    pixels: dict[str, torch.Tensor] = {}
+    first_row: dict[str, int] = {}
+    for i, r in enumerate(refs):
+        if r is not None and r not in pixels and r not in first_row:
+            first_row[r] = i
+            try:
+                pixels[r] = transform(sources[r])
+            except ImageDecodeError as e:
+                problems.append(f"row {i + 2}: {column} {values[i]!r} is unreadable ({e.kind}: {e})")
+    for i, r in enumerate(refs):
+        if r is not None and r not in pixels:
+            if first_row.get(r) != i:
+                problems.append(f"row {i + 2}: {column} {values[i]!r} is unreadable (see row {first_row[r] + 2})")
+            refs[i] = None
+    return refs, pixels
+
+
 def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | None = None,
                  default_user: str | None = None) -> Ratings:
-    """Validate a ratings file (read once) and return one preprocessed support set per user."""
+    """Validate a ratings file (read once) and return one preprocessed support set per user.
+
+    A file with ``image_a``, ``image_b`` and ``winner`` columns (``laionfilter rate --mode pairs``) holds
+    pairwise answers instead of scores; see ``read_pairs``.
+    """
     path = Path(path)
     table = read_table(path)
+    if {"image_a", "image_b", "winner"} <= set(table.column_names):
+        return read_pairs(path, table, transform, shards, default_user)
     require_columns(table, ["image", "score"], path)
     n = table.num_rows
     if n == 0:
         raise LaionfilterError(f"{path}: no rows")
     images = table.column("image").to_pylist()
     raw_scores = table.column("score").to_pylist()
-    if "user" in table.column_names:
-        users = [unicodedata.normalize("NFC", str(u)) if u is not None else "" for u in table.column("user").to_pylist()]
-    else:
-        users = [check_name(default_user or path.stem, "profile name", path)] * n
     problems: list[str] = []
     scores = np.full(n, np.nan)
     for i, s in enumerate(raw_scores):
@@ -101,57 +170,12 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
             problems.append(f"row {row}: score is {s!r}")
             continue
         scores[i] = v
-    for i, u in enumerate(users):
-        if not u:
-            problems.append(f"row {i + 2}: user is empty")
-        elif not is_plain_name(u):
-            problems.append(f"row {i + 2}: user {u!r} is not a plain name (letters, digits, '_', '-', '.'; "
-                            "it names the profile file and the score column)")
-            users[i] = ""  # reported once, here
-    try:
-        check_distinct(dict.fromkeys(u for u in users if u), "users")
-    except LaionfilterError as e:
-        problems.append(str(e))
-
-    refs: list[str | None] = [None] * n
-    sources: dict[str, bytes | Path] = {}
-    if shards:
-        wanted = {str(v) for v in images if v is not None}
-        found = _shard_images(shards, wanted)
-        for i, v in enumerate(images):
-            if v is None or str(v) not in found:
-                problems.append(f"row {i + 2}: sample key {v!r} not found in {shards}")
-            else:
-                refs[i] = str(v)
-                sources[str(v)] = found[str(v)]
-    else:
-        for i, v in enumerate(images):
-            if v is None or str(v) == "":
-                problems.append(f"row {i + 2}: image is empty")
-                continue
-            p = resolve_path(str(v), path.parent)
-            if not p.is_file():
-                problems.append(f"row {i + 2}: image {v!r} not found (looked for {p})")
-                continue
-            refs[i] = str(p.resolve())
-            sources[refs[i]] = p
-
-    pixels: dict[str, torch.Tensor] = {}
-    first_row = {}
-    for i, r in enumerate(refs):
-        if r is not None and r not in pixels and r not in first_row:
-            first_row[r] = i
-            try:
-                pixels[r] = transform(sources[r])
-            except ImageDecodeError as e:
-                problems.append(f"row {i + 2}: image {images[i]!r} is unreadable ({e.kind}: {e})")
-    for i, r in enumerate(refs):
-        if r is not None and r not in pixels and first_row.get(r) != i:
-            problems.append(f"row {i + 2}: image {images[i]!r} is unreadable (see row {first_row[r] + 2})")
+    users = _users(table, path, default_user, problems)
+    refs, pixels = _images(images, path, shards, transform, problems)
 
     by_user: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, (u, r) in enumerate(zip(users, refs)):
-        if u and r is not None and r in pixels and not math.isnan(scores[i]):
+        if u and r is not None and not math.isnan(scores[i]):
             by_user[u][r].append(i)
     for u in dict.fromkeys(users):
         if not u:
@@ -175,5 +199,49 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
             scores=np.array([np.mean([scores[i] for i in per_image[k]]) for k in keys]),
             pixels=torch.stack([pixels[k] for k in keys]),
             rows=[[i + 2 for i in per_image[k]] for k in keys],
+        ))
+    return Ratings(path, out, "user" in table.column_names, file_sha256(path).hexdigest())
+
+
+def read_pairs(path: Path, table, transform: Callable, shards: str | None = None,
+               default_user: str | None = None) -> Ratings:
+    """Pairwise answers (``image_a``, ``image_b``, ``winner`` = a, b or tie): one support set per user,
+    whose ``pairs`` are (preferred, other) image indices. Ties are kept in ``ties`` and left out of
+    the Bradley–Terry loss, which has no term for them (the paper's eq. 3 ranks strict preferences)."""
+    n = table.num_rows
+    if n == 0:
+        raise LaionfilterError(f"{path}: no rows")
+    problems: list[str] = []
+    winners = [str(w).strip().lower() if w is not None else "" for w in table.column("winner").to_pylist()]
+    for i, w in enumerate(winners):
+        if w not in ("a", "b", "tie"):
+            problems.append(f"row {i + 2}: winner {w!r} is not a, b or tie")
+    users = _users(table, path, default_user, problems)
+    a_refs, a_pix = _images(table.column("image_a").to_pylist(), path, shards, transform, problems, "image_a")
+    b_refs, b_pix = _images(table.column("image_b").to_pylist(), path, shards, transform, problems, "image_b")
+    pixels = {**a_pix, **b_pix}
+    per_user: dict[str, list[int]] = defaultdict(list)
+    for i, u in enumerate(users):
+        if u and a_refs[i] and b_refs[i] and winners[i] in ("a", "b", "tie"):
+            if a_refs[i] == b_refs[i]:
+                problems.append(f"row {i + 2}: image_a and image_b are the same image")
+            else:
+                per_user[u].append(i)
+    for u in dict.fromkeys(u for u in users if u):
+        if not any(winners[i] != "tie" for i in per_user.get(u, [])):
+            problems.append(f"user {u!r}: no pair with a winner; nothing to rank")
+    _report(path, problems)
+
+    out = []
+    for u, rows in per_user.items():
+        keys = list(dict.fromkeys(r for i in rows for r in (a_refs[i], b_refs[i])))
+        at = {k: j for j, k in enumerate(keys)}
+        strict = [(at[a_refs[i]], at[b_refs[i]]) if winners[i] == "a" else (at[b_refs[i]], at[a_refs[i]])
+                  for i in rows if winners[i] != "tie"]
+        out.append(Support(
+            user=u, images=keys, scores=None, pixels=torch.stack([pixels[k] for k in keys]),
+            rows=[[i + 2 for i in rows if k in (a_refs[i], b_refs[i])] for k in keys],
+            pairs=np.array(strict, dtype=np.int64),
+            ties=np.array([(at[a_refs[i]], at[b_refs[i]]) for i in rows if winners[i] == "tie"], dtype=np.int64),
         ))
     return Ratings(path, out, "user" in table.column_names, file_sha256(path).hexdigest())

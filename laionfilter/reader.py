@@ -96,8 +96,8 @@ def read_shard(url: str) -> Iterator[Sample | ShardEnd]:
         if stream is not None:
             try:
                 stream.close()
-            except Exception as e:  # pipe: reports a failing command on close
-                error = error or describe_error(url, e)
+            except Exception as e:  # pipe: reports a failing command on close: the cause of any read error
+                error = describe_error(url, e)
     if current is not None:
         yield current
     yield ShardEnd(url, error)

@@ -89,3 +89,29 @@ def test_cli_evaluate(users_table, small_bank, tmp_path):
 def test_srocc_handles_constant_inputs():
     assert srocc([1, 2, 3], [5, 5, 5]) == 0.0
     assert srocc([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+
+
+def test_a_pairs_file_is_evaluated_over_pairs_with_agreement(ratings_csv, small_bank, tmp_path):
+    from laionfilter.learn import pair_agreement
+
+    shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
+    rated = [line.split(",") for line in ratings_csv.read_text().splitlines()[1:]]
+    lines = ["image_a,image_b,winner"]
+    for (a, sa), (b, sb) in zip(rated, rated[1:] + rated[:1]):
+        lines.append(f"{a},{b},{'a' if float(sa) > float(sb) else 'b' if float(sa) < float(sb) else 'tie'}")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    methods = {ZERO_SHOT: ZERO_SHOT, "learned": LearnConfig(steps=2, device="cpu")}
+    r = evaluate(tmp_path / "pairs.csv", small_bank, shots=(5,), trials=1, methods=methods, progress=False)
+    import numpy as np
+    import torch
+
+    from laionfilter.learn import Merger
+    from laionfilter.model import eval_transform
+    from laionfilter.ratings import read_ratings
+
+    sup = read_ratings(tmp_path / "pairs.csv", eval_transform(small_bank.architecture)).supports[0]
+    test = np.sort(np.random.default_rng([0, 0, 5, 0]).permutation(len(sup.pairs))[5:])
+    preds = Merger(small_bank, torch.device("cpu")).task_predictions(sup.pixels)
+    zero = next(x["srocc"] for x in r["runs"] if x["method"] == ZERO_SHOT)
+    assert zero == pytest.approx(pair_agreement(sup.pairs[test], preds.mean(0)), abs=1e-9)
+    assert {x["method"] for x in r["runs"]} == set(methods)

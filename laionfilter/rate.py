@@ -1,0 +1,338 @@
+"""`laionfilter rate`: a local page for rating images, 1–N stars or pairwise, where nothing is lost.
+
+The server is the standard library's ThreadingHTTPServer on 127.0.0.1. The page (``web/``: plain HTML,
+CSS and JS, no build step, no CDN) asks for the next image or pair, and posts each answer. An answer
+is appended to the output CSV and flushed to disk (fsync) before the server acknowledges it, so a
+closed tab, Ctrl-C or a killed process loses at most the answer in flight; a rerun of the same command
+reads the file back and shows nothing that was already answered. Undo rewrites the file atomically.
+
+Images are addressed by their index in the list the server built (``/image/17``), never by a path
+from the browser, so no URL can reach a file outside SOURCE.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import threading
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import LaionfilterError
+from .log import note
+from .names import check_name
+from .safefiles import atomic_write
+
+WEB = Path(__file__).parent / "web"
+STATIC = {"rate.js": "text/javascript", "rate.css": "text/css"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+MODES = {"stars": ["image", "score"], "pairs": ["image_a", "image_b", "winner"]}
+WINNERS = ("a", "b", "tie")
+
+
+@dataclass
+class Item:
+    """One image: how it is named in the output (a path relative to the output, or a shard key) and its bytes."""
+
+    label: str
+    load: Callable[[], bytes]
+
+
+def collect_images(source: str, from_scores: str | None = None, out: Path | None = None) -> list[Item]:
+    """The images of SOURCE: a folder (recursively), a glob, or WebDataset shards (sample keys)."""
+    import glob
+
+    from .shards import expand_shards
+
+    base = (out.parent if out else Path.cwd()).resolve()
+
+    def file_item(p: Path) -> Item:
+        p = p.resolve()
+        label = os.path.relpath(p, base) if os.path.commonpath([p, base]) == str(base) else str(p)
+        return Item(label, p.read_bytes)
+
+    p = Path(source)
+    if p.is_dir() and not any(p.glob("*.tar")):
+        items = [file_item(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+    elif any(c in source for c in "*?[") and not source.endswith(".tar") and "{" not in source:
+        items = [file_item(Path(f)) for f in sorted(glob.glob(source, recursive=True))
+                 if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        from .reader import Sample, read_shard
+
+        items = []
+        for url in expand_shards(source):
+            for s in read_shard(url):
+                if isinstance(s, Sample) and s.image is not None:
+                    items.append(Item(s.key, (lambda data: lambda: data)(s.image[1])))
+    if not items:
+        raise LaionfilterError(f"{source}: no images in it (looked for {', '.join(IMAGE_SUFFIXES)} files or shards)")
+    if from_scores:
+        items = spread_by_score(items, from_scores)
+    return items
+
+
+def spread_by_score(items: list[Item], scores: str) -> list[Item]:
+    """Items ordered so that any prefix covers the scores' whole range (low, high, middle, ...), not the top."""
+    from .query import connect, profile_columns, quote, run_sql
+
+    con = connect(scores)
+    cols = profile_columns(con)
+    if not cols:
+        raise LaionfilterError(f"{scores}: no score columns")
+    t = run_sql(con, f"SELECT key, {quote(cols[0])} AS s FROM scores WHERE status = 'ok' AND s IS NOT NULL")
+    score = dict(zip(t.column("key").to_pylist(), t.column("s").to_pylist()))
+    known = sorted((score[i.label], i) for i in items if i.label in score) if score else []
+    if not known:
+        raise LaionfilterError(f"{scores}: none of the images to rate has a score there (keys must match)")
+    ranked = [i for _, i in known]
+    order, step, seen = [], len(ranked), set()
+    while step >= 1:  # 0, n, n/2, n/4, 3n/4, ...: every prefix spans the range evenly
+        for k in range(0, len(ranked), step):
+            if k not in seen:
+                seen.add(k)
+                order.append(ranked[k])
+        step //= 2
+    return order + [i for i in items if i.label not in score]
+
+
+@dataclass
+class Session:
+    """The state of one rating run: the images, what the output file already holds, what comes next."""
+
+    out: Path
+    items: list[Item]
+    mode: str = "stars"
+    scale: int = 10
+    target: int = 20
+    user: str | None = None
+    seed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    rows: list[list[str]] = field(default_factory=list)
+    skipped: set = field(default_factory=set)
+    skipped_images: set = field(default_factory=set)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise LaionfilterError(f"--mode must be stars or pairs, not {self.mode!r}")
+        if self.user is not None:
+            check_name(self.user, "user")
+        self.header = MODES[self.mode] + (["user"] if self.user else [])
+        self.index = {it.label: i for i, it in enumerate(self.items)}
+        self.rows = self._read_existing()
+        self._check_writable()
+        self.order = list(range(len(self.items)))
+        random.Random(self.seed).shuffle(self.order)
+        self.unreadable: dict[str, str] = {}
+
+    def _pairs(self):
+        """Each image meets the next ones in a shuffled ring: every image early, no pair twice."""
+        n = len(self.order)
+        for d in range(1, n // 2 + 1):
+            for i in range(n if 2 * d < n else n // 2):
+                yield self.order[i], self.order[(i + d) % n]
+
+    # -- the file -----------------------------------------------------------------------------------
+
+    def _read_existing(self) -> list[list[str]]:
+        if not self.out.exists():
+            return []
+        with open(self.out, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return []
+        if rows[0][:len(MODES[self.mode])] != MODES[self.mode]:
+            other = next((m for m, cols in MODES.items() if rows[0][:len(cols)] == cols), None)
+            raise LaionfilterError(f"{self.out}: holds {'a ' + other + ' file' if other else 'another format'} "
+                                   f"(header {','.join(rows[0])}), not {self.mode}; choose another --out or --mode")
+        self.header = rows[0]
+        return rows[1:]
+
+    def _check_writable(self) -> None:
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.out, "a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise LaionfilterError(f"{self.out}: cannot write answers there ({e.strerror})") from None
+
+    def _append(self, row: list[str]) -> None:
+        new = not self.out.exists() or self.out.stat().st_size == 0
+        with open(self.out, "a", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(self.header)
+            w.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the answer is acknowledged
+        self.rows.append(row)
+
+    # -- what comes next ----------------------------------------------------------------------------
+
+    def _done_images(self) -> set[str]:
+        return {r[0] for r in self.rows}
+
+    def _done_pairs(self) -> set[frozenset]:
+        return {frozenset(r[:2]) for r in self.rows}
+
+    def next_item(self) -> dict[str, Any] | None:
+        if self.mode == "stars":
+            done = self._done_images()
+            i = next((i for i in self.order if self.items[i].label not in done and i not in self.skipped), None)
+            return None if i is None else {"item": i, "label": self.items[i].label}
+        done = self._done_pairs()
+        for a, b in self._pairs():
+            key = frozenset((self.items[a].label, self.items[b].label))
+            if key not in done and key not in self.skipped and not {a, b} & self.skipped_images:
+                return {"a": a, "b": b, "label_a": self.items[a].label, "label_b": self.items[b].label}
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {"mode": self.mode, "scale": self.scale, "target": self.target, "rated": len(self.rows),
+                "user": self.user, "out": str(self.out), "next": self.next_item(),
+                "last": self.rows[-1] if self.rows else None}
+
+    # -- answers ------------------------------------------------------------------------------------
+
+    def _label(self, i: Any) -> str:
+        if not isinstance(i, int) or not 0 <= i < len(self.items):
+            raise ValueError(f"no image {i!r}")
+        return self.items[i].label
+
+    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            user = [self.user] if self.user else []
+            if self.mode == "stars":
+                score = body.get("score")
+                if not isinstance(score, int) or not 1 <= score <= self.scale:
+                    raise ValueError(f"score must be an integer 1..{self.scale}")
+                label = self._label(body.get("item"))
+                if label in self._done_images():
+                    raise ValueError(f"{label} is rated already")
+                self._append([label, str(score)] + user)
+            else:
+                a, b, winner = self._label(body.get("a")), self._label(body.get("b")), body.get("winner")
+                if winner not in WINNERS or a == b:
+                    raise ValueError("winner must be a, b or tie, between two images")
+                if frozenset((a, b)) in self._done_pairs():
+                    raise ValueError("this pair is answered already")
+                self._append([a, b, winner] + user)
+            return self.state()
+
+    def skip(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Skip this image or pair for this run; ``unreadable`` (the browser could not show image
+        ``bad``) also keeps that image out of every later pair and lists it at the end."""
+        with self.lock:
+            if body.get("unreadable"):
+                bad = body.get("bad")
+                self.unreadable[self._label(bad)] = "the browser could not display it"
+                self.skipped_images.add(bad)
+                self.skipped.add(bad)
+            elif self.mode == "stars":
+                self.skipped.add(body.get("item"))
+            else:
+                self.skipped.add(frozenset((self._label(body.get("a")), self._label(body.get("b")))))
+            return self.state()
+
+    def undo(self) -> dict[str, Any]:
+        with self.lock:
+            if self.rows:
+                self.rows.pop()
+                buf = io.StringIO()
+                csv.writer(buf).writerows([self.header] + self.rows)
+                with atomic_write(self.out) as tmp:  # the file is whole before and after
+                    tmp.write_text(buf.getvalue(), encoding="utf-8")
+            return self.state()
+
+
+def _handler(session: Session) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet: the terminal shows progress, not requests
+            pass
+
+        def _send(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, obj: Any, status: int = 200) -> None:
+            self._send(status, json.dumps(obj).encode(), "application/json")
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path in ("/", "/index.html"):
+                return self._send(200, (WEB / "rate.html").read_bytes(), "text/html; charset=utf-8")
+            if path.startswith("/static/") and path[len("/static/"):] in STATIC:
+                name = path[len("/static/"):]
+                return self._send(200, (WEB / name).read_bytes(), STATIC[name])
+            if path == "/api/state":
+                with session.lock:
+                    return self._json(session.state())
+            if path.startswith("/image/") and path[len("/image/"):].isdigit():
+                i = int(path[len("/image/"):])
+                if i < len(session.items):
+                    return self._send(200, session.items[i].load(), "application/octet-stream")
+            self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+
+        def do_POST(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(min(length, 1 << 16)) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("expected a JSON object")
+                actions = {"/api/answer": session.answer, "/api/skip": session.skip,
+                           "/api/undo": lambda _: session.undo()}
+                if self.path not in actions:
+                    return self._json({"error": "not found"}, HTTPStatus.NOT_FOUND)
+                self._json(actions[self.path](body))
+            except (ValueError, json.JSONDecodeError) as e:
+                self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+
+    return Handler
+
+
+def serve(session: Session, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """The server, bound (``port`` 0: any free port); call ``serve_forever`` on it."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        note(f"--host {host}: the rating page is reachable from other machines, and anyone who reaches it "
+             "can rate and undo")
+    try:
+        return ThreadingHTTPServer((host, port), _handler(session))
+    except OSError as e:
+        raise LaionfilterError(f"cannot serve on {host}:{port} ({e.strerror}); is the port in use? try --port 0") from None
+
+
+def run(source: str, out: str | os.PathLike, mode: str = "stars", scale: int = 10, target: int = 20,
+        user: str | None = None, host: str = "127.0.0.1", port: int = 0, open_browser: bool = False,
+        from_scores: str | None = None, echo: Callable[[str], Any] = print) -> Session:
+    """Serve the rating page until Ctrl-C; returns the session (its answers are on disk already)."""
+    out = Path(out)
+    items = collect_images(source, from_scores, out)
+    session = Session(out, items, mode=mode, scale=scale, target=target, user=user)
+    server = serve(session, host, port)
+    url = f"http://{host}:{server.server_address[1]}/"
+    echo(f"rating {len(items)} images ({mode}, {session.state()['rated']} answered already) into {out}")
+    echo(f"open {url}   (Ctrl-C to stop; every answer is saved as you give it)")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    echo(f"\n{out}: {len(session.rows)} answers")
+    for label, why in session.unreadable.items():
+        echo(f"  skipped, unreadable: {label} ({why})")
+    return session

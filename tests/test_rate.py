@@ -1,0 +1,214 @@
+"""`laionfilter rate`: the real page in headless Chromium through Selenium, and the server's guarantees."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from laionfilter.errors import LaionfilterError
+from laionfilter.learn import LearnConfig
+from laionfilter.profile import learn_profiles
+from laionfilter.rate import Session, collect_images, serve
+
+from .helpers import crops, jpeg
+
+DOCS = os.environ.get("LAIONFILTER_DOCS_SCREENSHOTS")  # set to docs/ to refresh the README's screenshots
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, img in enumerate(crops(10, seed=31)):
+        (folder / f"{i:02d}.jpg").write_bytes(jpeg(img.resize((320, 240))))
+    return folder
+
+
+def rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))[1:]
+
+
+class Running:
+    """A rating server on a free port, in a thread of this process."""
+
+    def __init__(self, session: Session):
+        self.session, self.server = session, serve(session)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them where apt-get can)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+    yield driver
+    driver.quit()
+
+
+def press(driver, key, before):
+    """Send a key to the page and wait until it shows the next item (or the same, after an error)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ActionChains(driver).send_keys(key).perform()
+    WebDriverWait(driver, 10).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready") != before
+                                    or not d.find_element("id", "done").get_attribute("hidden"))
+
+
+def ready(driver):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 10).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready"))
+    return driver.find_element("tag name", "body").get_attribute("data-ready")
+
+
+def test_stars_by_keyboard_resume_and_undo_then_pairs_then_learn(browser, photos, tmp_path, small_bank):
+    from selenium.webdriver.common.keys import Keys
+
+    out = tmp_path / "ratings.csv"
+    run = Running(Session(out, collect_images(str(photos), out=out), mode="stars", scale=10, target=8))
+    browser.get(run.url)
+    shown = []
+    for key in "3918274":  # 7 answers: 3, 9, 1, 8, 2, 7, 4
+        state = ready(browser)
+        shown.append(browser.find_element("id", "single-label").text)
+        if key == "4":
+            break
+        press(browser, key, state)
+    if DOCS:
+        browser.save_screenshot(str(Path(DOCS) / "rate-stars.png"))
+    assert [r[1] for r in rows(out)] == ["3", "9", "1", "8", "2", "7"]
+    assert [r[0] for r in rows(out)] == shown[:6]
+    run.stop()
+
+    # A new server on the same file resumes: the 6 rated images are not shown again.
+    run = Running(Session(out, collect_images(str(photos), out=out), mode="stars", scale=10, target=8))
+    browser.get(run.url)
+    state = ready(browser)
+    assert browser.find_element("id", "single-label").text not in shown[:6]
+    assert browser.find_element("id", "count").text == "6 / 8" and len(rows(out)) == 6
+    press(browser, "0", state)  # 0 is 10
+    assert rows(out)[-1][1] == "10" and len(rows(out)) == 7
+    press(browser, Keys.BACKSPACE, ready(browser))  # undo the last answer
+    assert len(rows(out)) == 6 and browser.find_element("id", "count").text == "6 / 8"
+    run.stop()
+
+    pairs_out = tmp_path / "pairs.csv"
+    run = Running(Session(pairs_out, collect_images(str(photos), out=pairs_out), mode="pairs", target=4))
+    browser.get(run.url)
+    for key in (Keys.ARROW_LEFT, Keys.ARROW_DOWN, Keys.ARROW_RIGHT, Keys.ARROW_LEFT):
+        state = ready(browser)
+        if key == Keys.ARROW_LEFT and len(rows(pairs_out)) == 3 and DOCS:
+            browser.save_screenshot(str(Path(DOCS) / "rate-pairs.png"))
+        press(browser, key, state)
+    assert [r[2] for r in rows(pairs_out)] == ["a", "tie", "b", "a"]
+    assert len({frozenset(r[:2]) for r in rows(pairs_out)}) == 4
+    assert not browser.find_element("id", "done").get_attribute("hidden")  # the target is reached
+    run.stop()
+
+    for f in (out, pairs_out):
+        [profile] = learn_profiles(f, small_bank, tmp_path / f"{f.stem}.profile", LearnConfig(steps=3, device="cpu"),
+                                   progress=False)
+        assert profile.path.exists() and profile.meta["ratings"]["images"] >= 5
+    assert profile.meta["ratings"]["pairs"] == 3 and profile.meta["ratings"]["ties"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_killed_server_keeps_every_acknowledged_answer(photos, tmp_path):
+    out = tmp_path / "r.csv"
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "laionfilter", "rate", str(photos), "--out", str(out), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                state = json.loads(urllib.request.urlopen(base + "/api/state", timeout=2).read())
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        acknowledged = []
+        for score in (4, 8, 2):
+            state = _post(base + "/api/answer", {"item": state["next"]["item"], "score": score})
+            acknowledged.append(score)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert [int(r[1]) for r in rows(out)] == acknowledged
+
+
+def test_no_url_reaches_outside_source(photos, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not serve me")
+    run = Running(Session(tmp_path / "r.csv", collect_images(str(photos), out=tmp_path / "r.csv")))
+    try:
+        for path in ("/image?path=../../secret.txt", "/image/../secret.txt", "/image/..%2F..%2Fsecret.txt",
+                     "/static/../../secret.txt", "/static/%2e%2e/rate.py", f"/image/{10 ** 6}", "/image/-1",
+                     "/" + str(secret)):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(run.url.rstrip("/") + path, timeout=5)
+            assert e.value.code == 404, path
+        assert urllib.request.urlopen(run.url + "image/0", timeout=5).read()[:2] == b"\xff\xd8"  # a real JPEG
+    finally:
+        run.stop()
+
+
+def test_bad_input_is_refused_before_serving(photos, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LaionfilterError, match="no images"):
+        collect_images(str(empty))
+    pairs = tmp_path / "p.csv"
+    pairs.write_text("image_a,image_b,winner\nx.jpg,y.jpg,a\n")
+    with pytest.raises(LaionfilterError, match="holds a pairs file"):
+        Session(pairs, collect_images(str(photos)), mode="stars")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        with pytest.raises(LaionfilterError, match=f"127.0.0.1:{busy.getsockname()[1]}.*in use"):
+            serve(Session(tmp_path / "r.csv", collect_images(str(photos))), port=busy.getsockname()[1])
+    finally:
+        busy.close()
+    session = Session(tmp_path / "s.csv", collect_images(str(photos), out=tmp_path / "s.csv"))
+    session.skip({"unreadable": True, "bad": 0})
+    assert list(session.unreadable) == ["photos/00.jpg"] and session.next_item()["item"] != 0
