@@ -207,6 +207,29 @@ def bank_info_cmd(bank_path, as_json, plot):
 
 @cli.command()
 @click.argument("source")
+@bank_option()
+@click.option("--ratings", type=click.Path(exists=True, dir_okay=False), help="Ratings given so far (not suggested again).")
+@click.option("--n", "count", type=int, default=10, help="How many images to suggest.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write them as a CSV (image, empty score) to fill in.")
+@device_option()
+def suggest(source, bank_path, ratings, count, out, device):
+    """Suggest the images of SOURCE whose ratings would tell the most (where the task models disagree).
+
+    \b
+    Example:
+      laionfilter suggest photos/ --bank starter --n 10 --out next.csv
+    """
+    from .bank import resolve_bank
+    from .suggest import suggest as run
+
+    for label in run(source, resolve_bank(bank_path), count, ratings=ratings, out=out, device=device):
+        click.echo(label)
+    if out:
+        click.echo(f"{out}: {count} images to rate", err=True)
+
+
+@cli.command()
+@click.argument("source")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The CSV the answers go to (resumed if it exists).")
 @click.option("--mode", type=click.Choice(["stars", "pairs"]), default="stars",
               help="stars: one image, 1..scale; pairs: which of two is better (or a tie).")
@@ -218,7 +241,10 @@ def bank_info_cmd(bank_path, as_json, plot):
 @click.option("--host", default="127.0.0.1", help="Address to serve on; anything but localhost is reachable by others.")
 @click.option("--port", type=int, default=0, help="Port (0: any free one).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
-def rate(source, out, mode, scale, target, user, from_scores, host, port, open_browser):
+@click.option("--order", type=click.Choice(["random", "active"]), default="random",
+              help="active: first the images whose ratings tell the most about the coefficients (see suggest).")
+@bank_option()
+def rate(source, out, mode, scale, target, user, from_scores, host, port, open_browser, order, bank_path):
     """Rate images in the browser (stars or pairs) into a ratings file that learn reads.
 
     SOURCE is a folder of images, a glob, or WebDataset shards (sample keys become the image ids, for
@@ -231,8 +257,13 @@ def rate(source, out, mode, scale, target, user, from_scores, host, port, open_b
     """
     from .rate import run
 
+    bank = None
+    if order == "active":
+        from .bank import resolve_bank
+
+        bank = resolve_bank(bank_path)
     run(source, out, mode=mode, scale=int(scale.split("-")[1]), target=target, user=user, host=host, port=port,
-        open_browser=open_browser, from_scores=from_scores, echo=click.echo)
+        open_browser=open_browser, from_scores=from_scores, echo=click.echo, order=order, bank=bank)
 
 
 @cli.command()
@@ -322,20 +353,23 @@ def inspect(profile_path, as_json, plot):
 @click.option("--steps", type=int, default=500, help="Learning steps of the learned methods.")
 @click.option("--tune", "tunes", help="Compare the default recipe learned with these --tune values (e.g. all,top-2,head) "
                                       "instead of the paper's ablations.")
+@click.option("--select", "selections", help="Compare ways of choosing the K images to rate (random,active), with the "
+                                             "default recipe, instead of the paper's ablations.")
 @seed_option()
 @device_option()
 @json_option
 @click.option("--out", type=click.Path(dir_okay=False), help="Write every number (per user, trial, K, method) as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Per-user results as a PNG.")
 @threads_option
-def evaluate(table, bank_path, shots, trials, steps, tunes, seed, device, as_json, out, plot, threads):
+def evaluate(table, bank_path, shots, trials, steps, tunes, selections, seed, device, as_json, out, plot, threads):
     """Evaluate personalisation on a table of user, image, score (the paper's protocol, section 4.4).
 
     \b
     Example:
       laionfilter evaluate realcur.csv --bank bank/ --shots 10,100 --trials 10 --out results.json
     """
-    from .evaluate import default_methods, evaluate as run, markdown_table, plot_per_user, tune_methods
+    from .evaluate import (default_methods, evaluate as run, evaluate_selection, markdown_table, plot_per_user,
+                           tune_methods)
     from .learn import LearnConfig
     from .safefiles import write_json
     from .bank import resolve_bank
@@ -345,8 +379,12 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, seed, device, as_jso
     except ValueError:
         raise click.BadParameter(f"{shots!r} is not a comma-separated list of integers", param_hint="--shots")
     base = LearnConfig(steps=steps, device=device)
-    methods = tune_methods(base, tunes.split(",")) if tunes else default_methods(base)
-    result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device, threads=threads)
+    if selections:
+        result = evaluate_selection(table, resolve_bank(bank_path), ks, trials, base, tuple(selections.split(",")),
+                                    seed=seed, device=device, threads=threads)
+    else:
+        methods = tune_methods(base, tunes.split(",")) if tunes else default_methods(base)
+        result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device, threads=threads)
     if as_json:
         _echo_json(result)
     else:

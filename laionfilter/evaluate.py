@@ -122,6 +122,58 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                 "summary": summarise(runs), "runs": runs}
 
 
+def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,), trials: int = 3,
+                       recipe: LearnConfig | None = None, selections: tuple[str, ...] = ("random", "active"),
+                       seed: int = 0, device: str = "auto", progress: bool = True, threads: int | None = None
+                       ) -> dict[str, Any]:
+    """Which images to rate: per user and trial, the images are split once into a pool and a test half;
+    each selection picks K from the pool without seeing any score (``random``, or ``active``:
+    ``suggest.select_active`` on the task models' predictions), the same recipe is fitted on them, and
+    SROCC is taken on the same test images."""
+    from .suggest import select_active
+
+    dev = pick_device(device)
+    recipe = recipe or LearnConfig(device=str(dev))
+    unknown = set(selections) - {"random", "active"}
+    if unknown:
+        raise LaionfilterError(f"--select: unknown selection(s) {', '.join(sorted(unknown))}; use random, active")
+    with learning_threads(bank, threads):
+        supports = read_ratings(table, eval_transform(bank.architecture)).supports
+        merger = Merger(bank, dev)
+        runs: list[dict[str, Any]] = []
+        bar = tqdm(total=len(supports) * trials * len(shots) * len(selections), desc="evaluate selection",
+                   unit="fit", disable=not progress)
+        for u_index, sup in enumerate(supports):
+            if sup.scores is None:
+                raise LaionfilterError(f"{table}: selection is evaluated on scored images, not pairs")
+            task_preds = merger.task_predictions(sup.pixels)
+            for trial in range(trials):
+                rng = np.random.default_rng([seed, u_index, trial])
+                perm = rng.permutation(len(sup.scores))
+                pool, test = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:])
+                for k in shots:
+                    if k > len(pool):
+                        note(f"user {sup.user!r}: a pool of {len(pool)} images is too small for {k} shots; skipped")
+                        continue
+                    for sel in selections:
+                        if sel == "random":
+                            picked = np.sort(np.random.default_rng([seed, u_index, trial, k]).choice(pool, k, replace=False))
+                        else:
+                            picked = pool[select_active(task_preds[:, pool], k)]
+                        r = fit(merger, sup.pixels[picked], sup.scores[picked], replace(recipe, seed=seed + trial),
+                                task_preds=task_preds[:, picked])
+                        pred = merger.predict(r["alpha"], sup.pixels[test])
+                        runs.append({"user": sup.user, "shots": k, "trial": trial, "method": sel,
+                                     "srocc": srocc(sup.scores[test], pred)})
+                        bar.update(1)
+        bar.close()
+    if not runs:
+        raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
+    return {"table": str(table), "bank": {"path": str(bank.path), "fingerprint": bank.fingerprint},
+            "shots": list(shots), "trials": trials, "seed": seed, "recipe": asdict(recipe),
+            "methods": {s: s for s in selections}, "summary": summarise(runs), "runs": runs}
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per method and K: mean over users per trial, then mean and std of that over trials."""
     out = []

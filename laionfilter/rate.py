@@ -117,6 +117,7 @@ class Session:
     rows: list[list[str]] = field(default_factory=list)
     skipped: set = field(default_factory=set)
     skipped_images: set = field(default_factory=set)
+    order_hint: list[int] | None = None  # items in this order first (rate --order active), the rest shuffled
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -127,8 +128,9 @@ class Session:
         self.index = {it.label: i for i, it in enumerate(self.items)}
         self.rows = self._read_existing()
         self._check_writable()
-        self.order = list(range(len(self.items)))
-        random.Random(self.seed).shuffle(self.order)
+        rest = [i for i in range(len(self.items)) if i not in set(self.order_hint or [])]
+        random.Random(self.seed).shuffle(rest)
+        self.order = list(self.order_hint or []) + rest
         self.unreadable: dict[str, str] = {}
 
     def _pairs(self):
@@ -313,11 +315,21 @@ def serve(session: Session, host: str = "127.0.0.1", port: int = 0) -> Threading
 
 def run(source: str, out: str | os.PathLike, mode: str = "stars", scale: int = 10, target: int = 20,
         user: str | None = None, host: str = "127.0.0.1", port: int = 0, open_browser: bool = False,
-        from_scores: str | None = None, echo: Callable[[str], Any] = print) -> Session:
-    """Serve the rating page until Ctrl-C; returns the session (its answers are on disk already)."""
+        from_scores: str | None = None, echo: Callable[[str], Any] = print, order: str = "random",
+        bank=None) -> Session:
+    """Serve the rating page until Ctrl-C; returns the session (its answers are on disk already).
+
+    ``order``: random, or active (``bank`` needed): the images whose ratings tell the most first."""
     out = Path(out)
     items = collect_images(source, from_scores, out)
-    session = Session(out, items, mode=mode, scale=scale, target=target, user=user)
+    hint = None
+    if order == "active":
+        from .suggest import active_order
+
+        hint = active_order(items, bank)
+    elif from_scores:
+        hint = list(range(len(items)))  # collect_images put them in score-spread order
+    session = Session(out, items, mode=mode, scale=scale, target=target, user=user, order_hint=hint)
     server = serve(session, host, port)
     url = f"http://{host}:{server.server_address[1]}/"
     echo(f"rating {len(items)} images ({mode}, {session.state()['rated']} answered already) into {out}")

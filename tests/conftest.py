@@ -87,3 +87,19 @@ def profiles(small_bank, ratings_csv, tmp_path_factory) -> list[Path]:
     b = learn_profiles(ratings_csv, small_bank, root / "bob.profile", LearnConfig(steps=3, device="cpu", init="uniform"),
                        progress=False)[0].path
     return [a, b]
+
+
+@pytest.fixture
+def users_table(tmp_path, ratings_csv) -> Path:
+    """Two users of opposite taste (ann, bob) over the 24 rated images."""
+    import shutil
+
+    shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
+    lines = ratings_csv.read_text().splitlines()[1:]
+    rows = ["user,image,score"]
+    for line in lines:
+        img, score = line.split(",")
+        rows.append(f"ann,{img},{score}")
+        rows.append(f"bob,{img},{11 - int(score)}")  # the opposite taste
+    (tmp_path / "users.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "users.csv"

@@ -10,19 +10,6 @@ from laionfilter.learn import LearnConfig
 from laionfilter.metrics import srocc
 
 
-@pytest.fixture
-def users_table(tmp_path, ratings_csv):
-    shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
-    lines = ratings_csv.read_text().splitlines()[1:]
-    rows = ["user,image,score"]
-    for line in lines:
-        img, score = line.split(",")
-        rows.append(f"ann,{img},{score}")
-        rows.append(f"bob,{img},{11 - int(score)}")  # the opposite taste
-    (tmp_path / "users.csv").write_text("\n".join(rows) + "\n")
-    return tmp_path / "users.csv"
-
-
 def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
     methods = {k: v for k, v in default_methods(LearnConfig(steps=2, device="cpu")).items()
                if k in (ZERO_SHOT, BEST_SINGLE, "learned, adaptive init (the paper)")}

@@ -1,0 +1,76 @@
+"""Choosing which images to rate: disagreement among the task models, spread out."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from laionfilter.cli import cli
+from laionfilter.suggest import rank_normalise, select_active
+
+from .helpers import crops, jpeg
+
+
+def test_the_most_disputed_image_comes_first_and_copies_do_not_follow_it():
+    # 3 tasks × 6 images: image 2 is ranked top by one task and bottom by the others; image 5 is its copy.
+    preds = np.array([[0.1, 0.2, 0.9, 0.3, 0.4, 0.9],
+                      [0.1, 0.2, 0.0, 0.3, 0.4, 0.0],
+                      [0.1, 0.2, 0.0, 0.3, 0.4, 0.0]])
+    ranks = rank_normalise(preds)
+    assert ranks.min() == 0 and ranks.max() == 1
+    picks = select_active(preds, 3)
+    copy = ({2, 5} - {picks[0]}).pop()
+    assert picks[0] in (2, 5) and picks[1] != copy  # the most disputed first, then not its copy
+    assert len(set(picks)) == 3
+    after = select_active(preds, 3, rated=[2])
+    assert 2 not in after and after[0] != 5  # rated images count as picked, and so does their copy
+    assert set(select_active(preds, 10)) == set(range(6))  # asking for more gives each image once
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, img in enumerate(crops(12, seed=41)):
+        (folder / f"{i:02d}.jpg").write_bytes(jpeg(img))
+    return folder
+
+
+def test_suggest_writes_a_file_to_rate_and_skips_what_is_rated(photos, tmp_path):
+    r = CliRunner().invoke(cli, ["suggest", str(photos), "--n", "4", "--out", str(tmp_path / "next.csv")])
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "next.csv").read_text().splitlines()
+    assert lines[0] == "image,score" and len(lines) == 5
+    first = [line.split(",")[0] for line in lines[1:]]
+    (tmp_path / "so-far.csv").write_text("image,score\n" + "".join(f"{f},5\n" for f in first))
+    r = CliRunner().invoke(cli, ["suggest", str(photos), "--n", "4", "--ratings", str(tmp_path / "so-far.csv"),
+                                 "--out", str(tmp_path / "next2.csv")])
+    again = [line.split(",")[0] for line in (tmp_path / "next2.csv").read_text().splitlines()[1:]]
+    assert r.exit_code == 0 and len(again) == 4 and not set(again) & set(first)
+
+
+def test_rate_active_order_starts_with_the_suggested_images(photos, tmp_path):
+    from laionfilter.bank import resolve_bank
+    from laionfilter.rate import Session, collect_images
+    from laionfilter.suggest import active_order, suggest
+
+    items = collect_images(str(photos), out=tmp_path / "r.csv")
+    order = active_order(items, resolve_bank("starter"))
+    session = Session(tmp_path / "r.csv", items, order_hint=order)
+    top = suggest(str(photos), resolve_bank("starter"), 3, out=str(tmp_path / "n.csv"))
+    assert [items[i].label for i in order[:3]] == top
+    assert session.next_item()["item"] == order[0]
+
+
+def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table, small_bank):
+    from laionfilter.evaluate import evaluate_selection
+    from laionfilter.learn import LearnConfig
+
+    r = evaluate_selection(users_table, small_bank, shots=(4,), trials=2, recipe=LearnConfig(steps=2, device="cpu"),
+                           progress=False)
+    methods = {x["method"] for x in r["runs"]}
+    assert methods == {"random", "active"} and len(r["runs"]) == 2 * 2 * 2  # 2 users × 2 trials × 2 selections
+    again = evaluate_selection(users_table, small_bank, shots=(4,), trials=2, recipe=LearnConfig(steps=2, device="cpu"),
+                               progress=False)
+    assert again["runs"] == r["runs"]  # seeded: the same pools, picks and test images
+    with pytest.raises(Exception, match="unknown selection"):
+        evaluate_selection(users_table, small_bank, selections=("best",))
