@@ -212,3 +212,15 @@ def test_bad_input_is_refused_before_serving(photos, tmp_path):
     session = Session(tmp_path / "s.csv", collect_images(str(photos), out=tmp_path / "s.csv"))
     session.skip({"unreadable": True, "bad": 0})
     assert list(session.unreadable) == ["photos/00.jpg"] and session.next_item()["item"] != 0
+
+
+def test_a_read_only_output_is_refused_before_serving(photos, tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        with pytest.raises(LaionfilterError, match="cannot write answers there"):
+            Session(mnt / "r.csv", collect_images(str(photos)))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
