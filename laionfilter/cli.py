@@ -219,10 +219,14 @@ def suggest(source, bank_path, ratings, count, out, device):
     Example:
       laionfilter suggest photos/ --bank starter --n 10 --out next.csv
     """
+    from pathlib import Path
+
     from .bank import resolve_bank
+    from .rate import collect_images
     from .suggest import suggest as run
 
-    for label in run(source, resolve_bank(bank_path), count, ratings=ratings, out=out, device=device):
+    items = collect_images(source, out=Path(out) if out else None)
+    for label in run(items, resolve_bank(bank_path), count, ratings=ratings, out=out, device=device):
         click.echo(label)
     if out:
         click.echo(f"{out}: {count} images to rate", err=True)

@@ -70,18 +70,15 @@ def active_order(items, bank, device: str = "auto") -> list[int]:
     return [kept[j] for j in select_active(preds, len(kept))]
 
 
-def suggest(source: str, bank, n: int = 10, ratings: str | None = None, out: str | None = None,
+def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | None = None,
             device: str = "auto") -> list[str]:
-    """The labels (as ``rate`` names them) of the ``n`` images of SOURCE to rate next; written as a CSV
-    with an empty ``score`` column when ``out`` is given. ``ratings``: a file rated so far (its images
-    count as picked)."""
+    """The labels of the ``n`` images among ``items`` (``rate.collect_images``) to rate next; written
+    as a CSV with an empty ``score`` column when ``out`` is given. ``ratings``: a file rated so far (its
+    images count as picked)."""
     import csv
-    from pathlib import Path
 
-    from .rate import collect_images
     from .tables import read_table
 
-    items = collect_images(source, out=Path(out) if out else None)
     preds, kept = task_predictions_of(items, bank, device)
     rated: list[int] = []
     if ratings:

@@ -56,7 +56,7 @@ def test_rate_active_order_starts_with_the_suggested_images(photos, tmp_path):
     items = collect_images(str(photos), out=tmp_path / "r.csv")
     order = active_order(items, resolve_bank("starter"))
     session = Session(tmp_path / "r.csv", items, order_hint=order)
-    top = suggest(str(photos), resolve_bank("starter"), 3, out=str(tmp_path / "n.csv"))
+    top = suggest(items, resolve_bank("starter"), 3, out=str(tmp_path / "n.csv"))
     assert [items[i].label for i in order[:3]] == top
     assert session.next_item()["item"] == order[0]
 
