@@ -166,9 +166,10 @@ def resolve_bank(spec: str | os.PathLike | None = "starter") -> Bank:
 
 def _manifest_fingerprint(folder: Path) -> str | None:
     try:
-        return json.loads((folder / "manifest.json").read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
+        manifest = read_json(folder / "manifest.json", what="bank manifest")
+    except LaionfilterError:  # not a bank (any more): the caller tries the next place
         return None
+    return manifest.get("fingerprint") if isinstance(manifest, dict) else None
 
 
 def find_bank(want: dict[str, Any], source: str | os.PathLike, bank: str | os.PathLike | None = None) -> Bank:

@@ -442,7 +442,7 @@ def score(shards, profiles, bank_path, out, batch_size, workers, device, compile
                       rank=rank, world_size=world_size, distributor=distributor, ray_address=ray_address,
                       allow_pipe=allow_pipe, **({"max_pixels": max_pixels} if max_pixels else {}))
     s = score_shards(shards, list(profiles), out, bank=bank_path, cfg=cfg)
-    s.setdefault("timing", {})["import_s"] = round(imported - _STARTED[0], 3) if _STARTED else None
+    s["timing"]["import_s"] = round(imported - _STARTED[0], 3) if _STARTED else None
     if as_json:
         _echo_json(s)
     else:
