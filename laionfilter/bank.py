@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from .errors import LaionfilterError
 from .names import check_distinct, check_name
 from .formats import BANK_FORMAT, TASK_FORMAT, validate
 from .model import SCALES, Architecture, BaseSpec, ScoreModel, build_architecture, layer_names, load_base, load_state, model_state
-from .safefiles import file_sha256, read_json, read_metadata, read_safetensors, state_fingerprint, write_json, write_safetensors
+from .safefiles import (StoredTensors, file_sha256, read_json, read_metadata, read_safetensors,
+                        read_safetensors_shapes, state_fingerprint, write_json, write_safetensors)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,8 +39,13 @@ def _fingerprint(weights: Path, manifest: dict[str, Any]) -> str:
 class Bank:
     path: Path
     manifest: dict[str, Any]
-    pre: dict[str, torch.Tensor]  # layer → θ_pre (float32)
-    tau: dict[str, torch.Tensor]  # layer → [n, *shape] task vectors (storage dtype)
+    pre: Mapping[str, torch.Tensor]  # layer → θ_pre (float32), read from the file when indexed
+    tau: Mapping[str, torch.Tensor]  # layer → [n, *shape] task vectors (storage dtype), likewise
+
+    @property
+    def parameters(self) -> int:
+        """Parameters per model (from the manifest; nothing is read)."""
+        return sum(int(np.prod(shape)) for shape in self.manifest["shapes"])
 
     @property
     def layers(self) -> list[str]:
@@ -95,7 +102,7 @@ class Bank:
         return self.model(self.task_state(i), tuple(self.tasks[i]["template"]))
 
     def base_model(self) -> ScoreModel:
-        return self.model({k: v.clone() for k, v in self.pre.items()})  # its own weights, not the bank's
+        return self.model(dict(self.pre))  # read from the file: its own weights
 
     def similarity(self) -> np.ndarray:
         """Cosine similarity of the flattened task vectors (the paper's Fig. 4)."""
@@ -114,21 +121,23 @@ def load_bank(path: str | os.PathLike, verify: bool = True) -> Bank:
         raise LaionfilterError(f"{path}: no such bank folder")
     manifest = validate(read_json(path / "manifest.json", what="bank manifest"), BANK_FORMAT, path / "manifest.json")
     weights = path / "weights.safetensors"
-    tensors, _ = read_safetensors(weights, what="bank weights")
+    shapes, _ = read_safetensors_shapes(weights, what="bank weights")
     if verify and _fingerprint(weights, manifest) != manifest.get("fingerprint"):
         raise LaionfilterError(f"{path}: content does not match the manifest's fingerprint (modified or corrupt)")
     for t in manifest["tasks"]:
         check_name(t.get("name"), "task name", path / "manifest.json")
     n = len(manifest["tasks"])
-    pre, tau = {}, {}
     for layer, shape in zip(manifest["layers"], manifest["shapes"]):
-        for key, store, want in ((f"pre.{layer}", pre, tuple(shape)), (f"tau.{layer}", tau, (n, *shape))):
-            if key not in tensors:
+        for key, want in ((f"pre.{layer}", tuple(shape)), (f"tau.{layer}", (n, *shape))):
+            if key not in shapes:
                 raise LaionfilterError(f"{weights}: tensor {key} is missing")
-            if tuple(tensors[key].shape) != want:
-                raise LaionfilterError(f"{weights}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {want}")
-            store[layer] = tensors[key]
-    return Bank(path, manifest, pre, tau)
+            if shapes[key] != want:
+                raise LaionfilterError(f"{weights}: tensor {key} has shape {shapes[key]}, expected {want}")
+    # Read layer by layer when used: building a merged model then holds that model and one layer of
+    # the bank, not θ_pre and every τ besides (benchmarks/score.py measures the peak).
+    layers = manifest["layers"]
+    return Bank(path, manifest, StoredTensors(weights, layers, "pre.", "bank weights"),
+                StoredTensors(weights, layers, "tau.", "bank weights"))
 
 
 SHIPPED = Path(__file__).parent / "data" / "starter-bank"
@@ -281,7 +290,7 @@ def base_label(spec: str) -> str:
 def bank_info(bank: Bank) -> dict[str, Any]:
     """What ``bank info`` shows, as plain data."""
     weights = bank.path / "weights.safetensors"
-    params = sum(t.numel() for t in bank.pre.values())
+    params = bank.parameters
     return {
         "path": str(bank.path),
         "fingerprint": bank.fingerprint,

@@ -218,7 +218,9 @@ def _create_clip(arch: str, pretrained: str | None, seed: int, device: str | Non
         quiet = _QuietRandomInit()
         logging.getLogger().addFilter(quiet)
         try:
-            with _seeded(seed):
+            # On "meta", built there too: open_clip would otherwise build the whole model (text tower
+            # included) in memory before moving it, a transient the size of the model.
+            with _seeded(seed), (torch.device("meta") if device == "meta" else contextlib.nullcontext()):
                 clip = open_clip.create_model(arch, pretrained=pretrained, require_pretrained=bool(pretrained),
                                               **({"device": device} if device else {}))
         finally:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -36,8 +37,11 @@ def _explain_not_safetensors(path: Path, head: bytes) -> str:
     return f"{path}: not a safetensors file"
 
 
-def read_safetensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return (tensors, laionfilter metadata) from a safetensors file, with errors naming the file."""
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+def _read(path: str | os.PathLike, what: str, read) -> tuple[Any, dict[str, Any]]:
+    """``read(path)`` on a file checked to look like safetensors, plus its laionfilter metadata."""
     path = Path(path)
     if not path.is_file():
         raise LaionfilterError(f"{path}: no such {what}" + (" (it is a folder)" if path.is_dir() else ""))
@@ -49,16 +53,61 @@ def read_safetensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[
     if head[8:9] != b"{" or header_len > path.stat().st_size:
         raise LaionfilterError(_explain_not_safetensors(path, head))
     try:
-        tensors = load_file(str(path))
+        content = read(path)
         with safe_open_meta(path) as meta:
             raw = meta.get(META_KEY)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except _READ_ERRORS as e:
         raise LaionfilterError(f"{path}: corrupt or truncated safetensors {what} ({e})") from None
     try:
         metadata = json.loads(raw) if raw else {}
     except json.JSONDecodeError as e:
         raise LaionfilterError(f"{path}: its laionfilter metadata is not valid JSON ({e})") from None
-    return tensors, metadata
+    return content, metadata
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (tensors, laionfilter metadata) from a safetensors file, with errors naming the file."""
+    return _read(path, what, lambda p: load_file(str(p)))
+
+
+def read_safetensors_shapes(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """Return (name → shape, laionfilter metadata) from a safetensors file's header, reading no tensor."""
+    from safetensors import safe_open
+
+    def shapes(p: Path) -> dict[str, tuple[int, ...]]:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    return _read(path, what, shapes)
+
+
+class StoredTensors(Mapping):
+    """Named tensors of a safetensors file (``prefix`` + name), each read when asked for.
+
+    Nothing is held: a tensor is mapped from the file when indexed and released with it, so a caller
+    going through a large file one tensor at a time holds one tensor, not the file.
+    """
+
+    def __init__(self, path: Path, names: list[str], prefix: str = "", what: str = "file"):
+        self.path, self.names, self.prefix, self.what = Path(path), list(names), prefix, what
+        self._known = set(self.names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(self.prefix + name)
+        except _READ_ERRORS as e:
+            raise LaionfilterError(f"{self.path}: cannot read {self.prefix + name} from the {self.what} ({e})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @contextlib.contextmanager

@@ -87,6 +87,24 @@ def test_tampered_bank_is_refused(bank32, tmp_path):
         load_bank(copy)
 
 
+def test_a_bank_is_read_layer_by_layer_when_used(bank32, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bank32.path, copy)
+    bank = load_bank(copy)
+    assert bank.parameters == sum(t.numel() for t in bank32.pre.values())
+    layer = bank.layers[0]
+    first = bank.tau[layer]
+    assert torch.equal(first, bank32.tau[layer]) and set(bank.pre) == set(bank32.layers)
+    (copy / "weights.safetensors").unlink()  # gone after loading: the next read says which file and tensor
+    with pytest.raises(LaionfilterError, match=rf"{copy / 'weights.safetensors'}: cannot read pre.{layer}"):
+        bank.pre[layer]
+    with pytest.raises(KeyError):
+        bank32.pre["no.such.layer"]
+    assert torch.equal(first, bank32.tau[layer])  # what was read stays valid
+
+
 def test_wrong_shaped_tensor_in_a_bank(bank32, tmp_path):
     import shutil
 
