@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,10 @@ from laionfilter.train.starter import GREY, PHOTOS, degrade, load_photo, random_
 COVERED = ["sharpness", "noise", "exposure", "colourfulness", "contrast", "warmth"]
 
 
-def simulate_users(out: Path, users: int, images: int, seed: int) -> Path:
+def simulate_users(out: Path, users: int, images: int, seed: int, against: bool = False) -> Path:
+    """``against``: the third user set, whose users mostly dislike what some tasks reward: each weight
+    but the largest is negated with probability 0.7 (at least one is), so that such a user prefers
+    images degraded along that criterion."""
     rng = np.random.default_rng(seed)
     # Colour photos only: on a grey photo a colourfulness taste would rate an invisible change.
     photos = {n: load_photo(n) for n in PHOTOS["eval"] if n not in GREY}
@@ -41,6 +45,12 @@ def simulate_users(out: Path, users: int, images: int, seed: int) -> Path:
         uncovered = u % 3 == 2  # every third user also cares about JPEG quality
         crits = list(rng.choice(COVERED, size=int(rng.integers(2, 4)), replace=False)) + (["jpeg"] if uncovered else [])
         w = rng.dirichlet(np.ones(len(crits)))
+        if against:
+            flip = rng.random(len(w)) < 0.7
+            flip[int(np.argmax(w))] = False
+            if not flip.any():
+                flip[int(np.argsort(w)[0])] = True
+            w = np.where(flip, -w, w)
         user = f"user{u:02d}" + ("-jpeg" if uncovered else "")
         tastes[user] = dict(zip(crits, w.round(3).tolist()))
         for i in range(images):
@@ -53,7 +63,9 @@ def simulate_users(out: Path, users: int, images: int, seed: int) -> Path:
 
                 img = Image.open(io.BytesIO(data)).convert("RGB")
                 quality[c] = 1 - level
-            taste = sum(wi * quality[c] for c, wi in zip(crits, w)) + rng.normal(0, 0.05)
+            # In [0, 1] before the noise, whatever the signs: a negative weight counts 1 − quality.
+            taste = (sum(wi * quality[c] for c, wi in zip(crits, w)) + np.abs(np.minimum(w, 0)).sum()
+                     + rng.normal(0, 0.05))
             rel = f"images/{user}-{i:04d}.png"
             img.save(out / rel)
             rows.append(f"{user},{rel},{int(np.clip(np.round(1 + 9 * taste), 1, 10))}")
@@ -71,24 +83,35 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bank", default="starter")
+    ap.add_argument("--against", action="store_true", help="the third user set: tastes that run against some "
+                    "tasks' criteria (negative weights)")
     ap.add_argument("--methods", default="", help="semicolon-separated subset of method names (default: all)")
     ap.add_argument("--anchors", default="", help="extra anchored variants to compare, e.g. 0.3,3")
     ap.add_argument("--tunes", default="", help="instead: the default recipe with these --tune values, e.g. all,top-2,head")
+    ap.add_argument("--steps-from", default="", help="also: the default recipe choosing its step count among these "
+                    "(e.g. 0,100,250,500) by out-of-fold SROCC, calibrated (rating MAE reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: see learning_threads)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/personalize"))
     args = ap.parse_args()
     bank = resolve_bank(args.bank)
-    table = simulate_users(args.out / "data", args.users, args.images, args.seed)
-    methods = default_methods(LearnConfig(steps=args.steps, device="cpu"))
+    table = simulate_users(args.out / "data", args.users, args.images, args.seed, args.against)
+    # Calibration changes no prediction, only what it costs; it is measured on the --steps-from recipe.
+    base = LearnConfig(steps=args.steps, device="cpu", calibration="none" if args.steps_from else "linear")
+    methods = default_methods(base)
     if args.tunes:
         methods = tune_methods(LearnConfig(steps=args.steps, device="cpu"), args.tunes.split(","))
     for a in filter(None, args.anchors.split(",")):
         methods[f"anchored {a}/N"] = LearnConfig(steps=args.steps, device="cpu", anchor=float(a))
+    if args.steps_from:
+        steps_from = tuple(int(x) for x in args.steps_from.split(","))
+        methods[f"default recipe, steps from {args.steps_from} by out-of-fold SROCC"] = replace(
+            base, steps_from=steps_from, calibration="linear")
     if args.methods:
         keep = [m.strip() for m in args.methods.split(";")]
         methods = {k: v for k, v in methods.items() if k in keep}
     started = time.time()
     result = evaluate(table, bank, tuple(int(k) for k in args.shots.split(",")), args.trials, methods,
-                      seed=args.seed, device="cpu")
+                      seed=args.seed, device="cpu", threads=args.threads)
     result["seconds"] = round(time.time() - started, 1)
     result["tastes"] = __import__("json").loads((args.out / "data" / "tastes.json").read_text())
     write_json(args.out / "results.json", result)

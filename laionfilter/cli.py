@@ -270,6 +270,13 @@ def rate(source, out, mode, scale, target, user, from_scores, host, port, open_b
         open_browser=open_browser, from_scores=from_scores, echo=click.echo, order=order, bank=bank)
 
 
+def _int_list(text: str | None, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(k) for k in text.split(",")) if text else ()
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
+
+
 @cli.command()
 @click.argument("ratings", type=click.Path(exists=True, dir_okay=False))
 @bank_option()
@@ -291,11 +298,17 @@ def rate(source, out, mode, scale, target, user, from_scores, host, port, open_b
 @click.option("--anchor", type=float,
               help="Beyond the paper: a penalty (anchor / support size) keeping the coefficients near their start "
                    "[default: 10]; 0 is the paper's recipe.")
+@click.option("--calibration", type=click.Choice(["linear", "isotonic", "none"]), default="linear", show_default=True,
+              help="Map from score to the user's own rating scale (score writes it as <profile>_rating), fitted on "
+                   "out-of-fold predictions: costs --folds extra fits.")
+@click.option("--folds", type=int, default=5, show_default=True, help="Folds of the out-of-fold predictions.")
+@click.option("--steps-from", help="Candidate step counts, e.g. 0,100,500: the support set's out-of-fold SROCC "
+                                   "chooses one (the final fit stops there).")
 @seed_option()
 @device_option()
 @threads_option
 def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, tune, steps, lr, batch_size, anchor,
-          seed, device, threads):
+          calibration, folds, steps_from, seed, device, threads):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -307,12 +320,17 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     from .bank import resolve_bank
 
     cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, tune=tune, steps=steps,
-                      batch_size=batch_size, lr=lr, seed=seed, device=device,
+                      batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration, folds=folds,
+                      steps_from=_int_list(steps_from, "--steps-from"),
                       **({} if anchor is None else {"anchor": anchor}))
     for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
         m = profile.meta
+        oof = m.get("out_of_fold")
         click.echo(f"{profile.path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "
-                   f"{m['support_srocc_after']:.3f} ({m['learn_seconds']:.0f} s)")
+                   f"{m['support_srocc_after']:.3f}"
+                   + (f", out-of-fold {oof['srocc'][str(oof['steps_chosen'])]:.3f} at {oof['steps_chosen']} steps" if oof else "")
+                   + (f", calibrated ({m['calibration']['kind']})" if "calibration" in m else "")
+                   + f" ({m['learn_seconds']:.0f} s)")
 
 
 @cli.command()
@@ -345,6 +363,10 @@ def inspect(profile_path, as_json, plot):
         click.echo(f"  {t['name']:<{w}}  {t['zero_shot_srocc']:15.3f}  {t['init_alpha']:6.3f}  {t['mean_alpha']:6.3f}  "
                    f"{t['min_alpha']:.3f}..{t['max_alpha']:.3f}")
     click.echo(f"\n  support-set SROCC: {info['support_srocc_before']:.3f} before, {info['support_srocc_after']:.3f} after learning")
+    if info.get("calibration"):
+        cal = info["calibration"]
+        click.echo(f"  ratings: {cal['kind']} calibration onto {cal['low']:g}..{cal['high']:g} (column {profile.name}_rating "
+                   "when scored under this name)")
     if plot:
         click.echo(f"  coefficient plot: {plot}")
 
@@ -378,10 +400,7 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, seed, de
     from .safefiles import write_json
     from .bank import resolve_bank
 
-    try:
-        ks = tuple(int(k) for k in shots.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{shots!r} is not a comma-separated list of integers", param_hint="--shots")
+    ks = _int_list(shots, "--shots")
     base = LearnConfig(steps=steps, device=device)
     if selections:
         result = evaluate_selection(table, resolve_bank(bank_path), ks, trials, base, tuple(selections.split(",")),
@@ -491,13 +510,16 @@ def _with(options):
 @click.option("--profile", required=True, help="Profile (score column) to select by.")
 @click.option("--top", type=int, help="Keep the N best images.")
 @click.option("--min-score", type=float, help="Keep images scoring at least this.")
+@click.option("--min-rating", type=float, help="Keep images the user would rate at least this, on their own scale "
+              "(the profile's calibrated <profile>_rating column).")
 @click.option("--percentile", type=float, help="Keep images at or above this percentile (0–100) of the profile's scores.")
 @click.option("--where", help="Extra SQL condition, e.g. \"punsafe < 0.1 AND WIDTH >= 512\".")
 @_with(_join_options)
 @click.option("--all-statuses", is_flag=True, help="Keep rows whose status is not 'ok' too.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Subset file (.parquet or .csv).")
-def select(scores, profile, top, min_score, percentile, where, join, on, all_statuses, out):
-    """Select a user's subset of the scored images (url, caption, key, shard, score, joined columns).
+def select(scores, profile, top, min_score, min_rating, percentile, where, join, on, all_statuses, out):
+    """Select a user's subset of the scored images (url, caption, key, shard, score, rating where the
+    profile is calibrated, joined columns).
 
     \b
     Example:
@@ -507,7 +529,7 @@ def select(scores, profile, top, min_score, percentile, where, join, on, all_sta
     from .query import select as run, write_table
 
     t = run(scores, profile, top=top, min_score=min_score, percentile=percentile, where=where, join=join, on=on,
-            all_statuses=all_statuses)
+            all_statuses=all_statuses, min_rating=min_rating)
     write_table(t, out)
     click.echo(f"{out}: {t.num_rows} images selected for {profile!r}")
 

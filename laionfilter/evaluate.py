@@ -12,7 +12,7 @@ method and K: the mean over users of the test SROCC, and its standard deviation 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .bank import Bank
 from .errors import LaionfilterError
-from .learn import LearnConfig, Merger, fit, learning_threads, pair_agreement
+from .calibrate import KINDS, fit_calibration
+from .learn import LearnConfig, Merger, fit_recipe, learning_threads, pair_agreement
 from .log import note
 from .metrics import srocc
 from .model import eval_transform, pick_device
@@ -34,16 +35,16 @@ BEST_SINGLE = "best single task"
 def tune_methods(base: LearnConfig, tunes: list[str]) -> dict[str, LearnConfig | str]:
     """The zero-shot baselines and ``base`` (the default recipe) learned with each ``--tune`` value."""
     return {ZERO_SHOT: ZERO_SHOT, BEST_SINGLE: BEST_SINGLE,
-            **{f"default recipe, tune {t}": replace(base, tune=t) for t in tunes}}
+            **{f"default recipe, tune {t}": replace(base, tune=t, calibration="none") for t in tunes}}
 
 
 def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
     """Method name → a LearnConfig (learned coefficients) or a zero-shot baseline's name.
 
-    The paper's recipe and its ablations run without the anchor (``anchor=0``), as the paper has them;
-    ``base`` with its own anchor is the tool's default recipe.
+    The paper's recipe and its ablations run without the anchor (``anchor=0``) and without what the
+    support set chooses or calibrates, as the paper has them; ``base`` is the tool's default recipe.
     """
-    paper = replace(base, init="adaptive", anchor=0.0)
+    paper = replace(base, init="adaptive", anchor=0.0, calibration="none", steps_from=())
     return {
         ZERO_SHOT: ZERO_SHOT,
         BEST_SINGLE: BEST_SINGLE,
@@ -68,7 +69,8 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
         merger = Merger(bank, dev)
         runs: list[dict[str, Any]] = []
         # The bar counts learning steps (a baseline or a 0-step fit counts one), so it moves during a fit.
-        cost = {name: (max(1, m.steps) if isinstance(m, LearnConfig) else 1) for name, m in methods.items()}
+        cost = {name: (max(1, m.steps) * (1 + m.folds * _uses_folds(m)) if isinstance(m, LearnConfig) else 1)
+                for name, m in methods.items()}
         size = lambda sup: len(sup.scores) if sup.pairs is None else len(sup.pairs)  # noqa: E731 (images or pairs)
         total = sum(1 for s in supports for k in shots if size(s) - k >= min_test) * trials * sum(cost.values())
         bar = tqdm(total=total, desc="evaluate", unit="step", disable=not progress)
@@ -101,16 +103,22 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                     zs = [on_support(p) for p in task_preds]
                     trial_seed = int(rng.integers(2**31))  # one batch order for every method in this split
                     for name, method in methods.items():
+                        r: dict[str, Any] = {}  # what a learned method reports beyond its predictions
                         if method == ZERO_SHOT:
                             pred = task_preds.mean(axis=0)
                         elif method == BEST_SINGLE:
                             pred = task_preds[int(np.argmax(zs))]
                         else:
-                            r = fit(merger, data["pixels"], data["scores"], replace(method, seed=trial_seed),
-                                    task_preds=data["task_preds"], pairs=data["pairs"], on_step=lambda: bar.update(1))
+                            r = fit_recipe(merger, data["pixels"], data["scores"], replace(method, seed=trial_seed),
+                                           task_preds=data["task_preds"], pairs=data["pairs"],
+                                           on_step=lambda: bar.update(1))
                             pred = merger.predict(r["alpha"], sup.pixels)
-                        runs.append({"user": sup.user, "shots": k, "trial": trial, "method": name,
-                                     "srocc": on_test(pred)})
+                        run = {"user": sup.user, "shots": k, "trial": trial, "method": name, "srocc": on_test(pred)}
+                        if "steps_chosen" in r:
+                            run["steps_chosen"] = r["steps_chosen"]
+                        if "oof" in r:
+                            run["mae"] = rating_errors(r["oof"], data["scores"], pred[test_idx], sup.scores[test_idx])
+                        runs.append(run)
                         if not isinstance(method, LearnConfig) or not method.steps:
                             bar.update(1)
         bar.close()
@@ -118,8 +126,24 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
             raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
         return {"table": str(table), "bank": {"path": str(bank.path), "fingerprint": bank.fingerprint},
                 "shots": list(shots), "trials": trials, "seed": seed,
-                "methods": {k: (v if isinstance(v, str) else asdict(v)) for k, v in methods.items()},
+                "methods": {k: (v if isinstance(v, str) else v.to_json()) for k, v in methods.items()},
                 "summary": summarise(runs), "runs": runs}
+
+
+def _uses_folds(m: LearnConfig) -> bool:
+    return m.calibration != "none" or bool(m.steps_from)
+
+
+def rating_errors(oof: np.ndarray, y_support: np.ndarray, pred_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
+    """Mean absolute error of ratings on the test images: each calibration kind fitted on the support
+    set's out-of-fold scores, and two baselines: the test scores' min–max mapped onto the support set's
+    rating range, and the support set's mean rating for every image."""
+    out = {kind: float(np.mean(np.abs(fit_calibration(oof, y_support, kind)(pred_test) - y_test))) for kind in KINDS}
+    low, high, span = y_support.min(), y_support.max(), np.ptp(pred_test)
+    minmax = low + (high - low) * (pred_test - pred_test.min()) / span if span > 0 else np.full_like(pred_test, (low + high) / 2)
+    out["min-max"] = float(np.mean(np.abs(minmax - y_test)))
+    out["support mean"] = float(np.mean(np.abs(y_support.mean() - y_test)))
+    return out
 
 
 def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,), trials: int = 3,
@@ -160,8 +184,9 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
                             picked = np.sort(np.random.default_rng([seed, u_index, trial, k]).choice(pool, k, replace=False))
                         else:
                             picked = pool[select_active(task_preds[:, pool], k)]
-                        r = fit(merger, sup.pixels[picked], sup.scores[picked], replace(recipe, seed=seed + trial),
-                                task_preds=task_preds[:, picked])
+                        r = fit_recipe(merger, sup.pixels[picked], sup.scores[picked],
+                                       replace(recipe, seed=seed + trial, calibration="none"),
+                                       task_preds=task_preds[:, picked])
                         pred = merger.predict(r["alpha"], sup.pixels[test])
                         runs.append({"user": sup.user, "shots": k, "trial": trial, "method": sel,
                                      "srocc": srocc(sup.scores[test], pred)})
@@ -170,7 +195,7 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
     if not runs:
         raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
     return {"table": str(table), "bank": {"path": str(bank.path), "fingerprint": bank.fingerprint},
-            "shots": list(shots), "trials": trials, "seed": seed, "recipe": asdict(recipe),
+            "shots": list(shots), "trials": trials, "seed": seed, "recipe": recipe.to_json(),
             "methods": {s: s for s in selections}, "summary": summarise(runs), "runs": runs}
 
 
@@ -185,9 +210,15 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             per_trial = [np.mean([r["srocc"] for r in rows if r["trial"] == t]) for t in sorted({r["trial"] for r in rows})]
             users = sorted({r["user"] for r in rows})
-            out.append({"method": name, "shots": k, "mean": float(np.mean(per_trial)),
-                        "std_over_trials": float(np.std(per_trial)), "users": len(users), "trials": len(per_trial),
-                        "per_user": {u: float(np.mean([r["srocc"] for r in rows if r["user"] == u])) for u in users}})
+            entry = {"method": name, "shots": k, "mean": float(np.mean(per_trial)),
+                     "std_over_trials": float(np.std(per_trial)), "users": len(users), "trials": len(per_trial),
+                     "per_user": {u: float(np.mean([r["srocc"] for r in rows if r["user"] == u])) for u in users}}
+            if all("mae" in r for r in rows):
+                entry["mae"] = {kind: float(np.mean([r["mae"][kind] for r in rows])) for kind in rows[0]["mae"]}
+            if all("steps_chosen" in r for r in rows):
+                entry["steps_chosen"] = {str(s): sum(r["steps_chosen"] == s for r in rows)
+                                         for s in sorted({r["steps_chosen"] for r in rows})}
+            out.append(entry)
     return out
 
 
@@ -201,6 +232,12 @@ def markdown_table(result: dict[str, Any]) -> str:
             s = next((x for x in result["summary"] if x["method"] == name and x["shots"] == k), None)
             cells.append(f"{s['mean']:.3f} ± {s['std_over_trials']:.3f}" if s else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rated = [x for x in result["summary"] if "mae" in x]
+    if rated:
+        kinds = list(rated[0]["mae"])
+        lines += ["", "Rating MAE on the test images (calibrations fitted on out-of-fold scores; baselines):", "",
+                  "| method | K | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        lines += [f"| {x['method']} | {x['shots']} | " + " | ".join(f"{x['mae'][c]:.3f}" for c in kinds) + " |" for x in rated]
     return "\n".join(lines)
 
 

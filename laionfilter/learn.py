@@ -28,6 +28,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .bank import Bank
+from .calibrate import fit_calibration
 from .errors import LaionfilterError
 from .merge import merge_weights
 from .metrics import srocc
@@ -59,6 +60,14 @@ class LearnConfig:
     # same for every user, so that profiles share everything below their first tuned layer and the
     # scorer can run that trunk once for all of them.
     tune: str = "all"
+    # Beyond the paper: the map from score to the user's rating scale ("linear", "isotonic" or "none"),
+    # fitted on out-of-fold predictions of ``folds`` fits (see calibrate.py); pairwise answers have no
+    # scale and get none.
+    calibration: str = "linear"
+    folds: int = 5
+    # Beyond the paper: candidate step counts; the out-of-fold SROCC over the support set picks one, and
+    # the final fit stops there (on the schedule of ``steps``). Empty: train ``steps``.
+    steps_from: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.lr_end is None:
@@ -75,11 +84,18 @@ class LearnConfig:
             raise LaionfilterError("anchor must be ≥ 0")
         if not re.fullmatch(r"all|head|top-\d+", self.tune):
             raise LaionfilterError(f"tune must be all, head or top-N (N blocks), not {self.tune!r}")
+        if self.calibration not in ("linear", "isotonic", "none"):
+            raise LaionfilterError(f"calibration must be linear, isotonic or none, not {self.calibration!r}")
+        if self.folds < 2:
+            raise LaionfilterError("folds must be ≥ 2")
+        object.__setattr__(self, "steps_from", tuple(sorted(set(int(s) for s in self.steps_from))))
+        if any(not 0 <= s <= self.steps for s in self.steps_from):
+            raise LaionfilterError(f"steps-from {list(self.steps_from)}: each must be between 0 and steps ({self.steps})")
         if self.tune != "all" and self.layer_agnostic:
             raise LaionfilterError("--tune and --layer-agnostic do not combine: choose one")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def cosine_lr(step: int, total: int, start: float, end: float) -> float:
@@ -177,8 +193,12 @@ def pair_agreement(pairs: np.ndarray, pred: np.ndarray) -> float:
 
 def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: LearnConfig, progress: bool = False,
         task_preds: np.ndarray | None = None, desc: str = "learn",
-        on_step: Callable[[], Any] | None = None, pairs: np.ndarray | None = None) -> dict[str, Any]:
+        on_step: Callable[[], Any] | None = None, pairs: np.ndarray | None = None,
+        checkpoints: tuple[int, ...] = ()) -> dict[str, Any]:
     """Learn α on one support set; returns α ([n, L]) and what happened on the way.
+
+    ``checkpoints``: step counts whose α is returned too (``alpha_at``; 0 is the start); the fit ends
+    at the last of them, on the learning-rate schedule of ``cfg.steps`` all the same.
 
     The support set is scored images (``scores``), or pairwise answers (``pairs``: (preferred, other)
     image indices), whose Bradley–Terry loss is taken over those pairs and whose agreement measure is
@@ -217,8 +237,12 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     losses: list[float] = []
     before = metric(merger.predict(alpha.detach(), pixels))
     started = time.time()
-    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
+    alpha_at: dict[int, torch.Tensor] = {}
+    last = max(checkpoints) if checkpoints else cfg.steps
+    bar = tqdm(range(last), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
+        if step in checkpoints:
+            alpha_at[step] = _full(alpha.detach(), cfg, n, L)
         if on_step:
             on_step()
         for g in opt.param_groups:
@@ -242,13 +266,13 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         losses.append(loss.item())
         if step % 25 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
-    alpha_full = alpha.detach()
-    if cfg.layer_agnostic:
-        alpha_full = alpha_full[:, None].expand(n, L)
-    alpha_full = alpha_full.float().cpu().contiguous()
+    alpha_full = _full(alpha.detach(), cfg, n, L)
+    if last in checkpoints:
+        alpha_at[last] = alpha_full
     after = metric(merger.predict(alpha_full, pixels))
     return {
         "alpha": alpha_full,
+        "alpha_at": alpha_at,
         "alpha_init": (alpha0[:, None].expand(n, L) if cfg.layer_agnostic else alpha0).float().cpu().contiguous(),
         "zero_shot_srocc": zs,
         "support_srocc_before": before,
@@ -257,6 +281,67 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         "tuned": tuned.cpu(),
         "seconds": round(time.time() - started, 2),
     }
+
+
+def _full(alpha: torch.Tensor, cfg: LearnConfig, n: int, L: int) -> torch.Tensor:
+    """A copy of α as the [n, L] matrix a profile stores, on the CPU (a copy: the optimizer goes on
+    updating α in place)."""
+    if cfg.layer_agnostic:
+        alpha = alpha[:, None].expand(n, L)
+    return alpha.detach().float().cpu().clone().contiguous()
+
+
+def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
+                task_preds: np.ndarray | None = None, steps: tuple[int, ...] | None = None,
+                on_step: Callable[[], Any] | None = None) -> dict[int, np.ndarray]:
+    """Each support image's score by a fit on the other folds (``cfg.folds``, at most one per image),
+    at each step count in ``steps`` (default: ``cfg.steps``); {steps: [N] predictions}.
+
+    The folds are drawn from ``cfg.seed``; each fold's fit is the recipe ``cfg`` itself, its adaptive
+    start taken from the images it trains on.
+    """
+    steps = tuple(steps) if steps else (cfg.steps,)
+    n_img = len(scores)
+    if task_preds is None:
+        task_preds = merger.task_predictions(pixels)
+    k = min(cfg.folds, n_img)
+    fold = np.random.default_rng([cfg.seed, n_img]).permutation(n_img) % k
+    oof = {s: np.zeros(n_img) for s in steps}
+    for f in range(k):
+        train, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        r = fit(merger, pixels[train], scores[train], cfg, task_preds=task_preds[:, train], checkpoints=steps,
+                on_step=on_step)
+        for s in steps:
+            oof[s][held] = merger.predict(r["alpha_at"][s], pixels[held])
+    return oof
+
+
+def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: LearnConfig,
+               task_preds: np.ndarray | None = None, pairs: np.ndarray | None = None, progress: bool = False,
+               desc: str = "learn", on_step: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """``fit``, plus what the recipe adds from the support set itself when it has ratings: out-of-fold
+    predictions (``out_of_fold``) choose the step count among ``cfg.steps_from`` and fit the calibration
+    (``calibration``, a ``Calibration``). Also returns ``oof`` (the chosen step's out-of-fold scores),
+    ``oof_srocc`` per candidate and ``steps_chosen``."""
+    if pairs is not None or (cfg.calibration == "none" and not cfg.steps_from):
+        return fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc,
+                   on_step=on_step, pairs=pairs)
+    if task_preds is None:
+        task_preds = merger.task_predictions(pixels)
+    candidates = cfg.steps_from or (cfg.steps,)
+    folds = min(cfg.folds, len(scores))
+    bar = tqdm(total=folds * max(candidates), desc=f"{desc}: {folds} out-of-fold fits", unit="step",
+               disable=not progress or on_step is not None, leave=False)
+    oof = out_of_fold(merger, pixels, scores, cfg, task_preds, candidates, on_step or (lambda: bar.update(1)))
+    bar.close()
+    cv = {s: srocc(scores, oof[s]) for s in candidates}
+    chosen = max(candidates, key=lambda s: (cv[s], -s))  # a tie goes to fewer steps
+    r = fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc, on_step=on_step,
+            checkpoints=(chosen,))
+    r.update(oof=oof[chosen], oof_srocc={str(s): v for s, v in cv.items()}, steps_chosen=chosen)
+    if cfg.calibration != "none":
+        r["calibration"] = fit_calibration(oof[chosen], scores, cfg.calibration)
+    return r
 
 
 def _curve(losses: list[float]) -> dict[str, Any]:
@@ -280,7 +365,7 @@ def learning_threads(bank: Bank, threads: int | None = None) -> Iterator[int]:
     default (every core) for larger ones; the previous count is restored after."""
     before = torch.get_num_threads()
     if threads is None:
-        params = sum(t.numel() for t in bank.pre.values())
+        params = bank.parameters
         threads = 1 if params < SMALL_MODEL_PARAMETERS else before
     if threads < 1:
         raise LaionfilterError(f"--threads must be ≥ 1, not {threads}")

@@ -18,7 +18,8 @@ from . import __version__
 from .bank import Bank, find_bank
 from .errors import LaionfilterError
 from .formats import PROFILE_FORMAT, validate
-from .learn import LearnConfig, Merger, fit, learn_device, learning_threads
+from .calibrate import Calibration
+from .learn import LearnConfig, Merger, fit_recipe, learn_device, learning_threads
 from .log import note
 from .model import ScoreModel, eval_transform
 from .names import check_name, child_path
@@ -34,6 +35,12 @@ class Profile:
     @property
     def name(self) -> str:
         return self.meta["name"]
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The map to the user's rating scale; None for a profile learned from pairs or without one."""
+        cal = self.meta.get("calibration")
+        return Calibration.from_json(cal, str(self.path or self.name)) if cal else None
 
     def save(self, path: str | os.PathLike) -> Path:
         self.path = write_safetensors(path, {"alpha": self.alpha}, self.meta)
@@ -88,8 +95,8 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
         for sup in table.supports:
             if len(sup.images) < 10:
                 note(f"user {sup.user!r}: {len(sup.images)} images; the method is meant for 10 or more")
-            result = fit(merger, sup.pixels, sup.scores, cfg, progress=progress, desc=f"learn {sup.user}",
-                         pairs=sup.pairs)
+            result = fit_recipe(merger, sup.pixels, sup.scores, cfg, pairs=sup.pairs, progress=progress,
+                                desc=f"learn {sup.user}")
             meta = {
                 "format": PROFILE_FORMAT,
                 "laionfilter_version": __version__,
@@ -114,6 +121,11 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
                 "support_metric": "SROCC" if sup.pairs is None else "pair agreement (2·fraction ordered − 1)",
                 "learn_seconds": result["seconds"],
             }
+            if "oof_srocc" in result:
+                meta["out_of_fold"] = {"folds": min(cfg.folds, len(sup.images)), "srocc": result["oof_srocc"],
+                                       "steps_chosen": result["steps_chosen"]}
+            if "calibration" in result:
+                meta["calibration"] = result["calibration"].to_json()
             path = child_path(out, sup.user, ".profile", "user") if multi else out
             profile = Profile(result["alpha"], meta)
             profile.save(path)
@@ -135,6 +147,8 @@ def profile_summary(profile: Profile) -> dict[str, Any]:
         "config": m["config"],
         "ratings": m["ratings"],
         "loss_curve": {k: v for k, v in m["loss_curve"].items() if k != "values"},
+        "out_of_fold": m.get("out_of_fold"),
+        "calibration": m.get("calibration"),
     }
 
 

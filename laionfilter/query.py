@@ -23,7 +23,7 @@ from .errors import LaionfilterError
 from .names import check_name
 from .safefiles import atomic_write
 from .tables import read_table
-from .writer import FIXED_COLUMNS
+from .writer import FIXED_COLUMNS, rating_column
 
 JOIN_KEYS = {"key": ("key", ["key"]), "url": ("url", ["url", "URL"])}
 
@@ -87,7 +87,10 @@ def columns(con: duckdb.DuckDBPyConnection, view: str) -> list[str]:
 
 
 def profile_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
-    return [c for c in columns(con, "scores") if c not in FIXED_COLUMNS]
+    """The score columns: neither fixed nor a profile's rating column."""
+    cols = columns(con, "scores")
+    ratings = {rating_column(c) for c in cols}
+    return [c for c in cols if c not in FIXED_COLUMNS and c not in ratings]
 
 
 def require_profile(con: duckdb.DuckDBPyConnection, profile: str, scores) -> None:
@@ -126,13 +129,21 @@ def where_expression(where: str) -> str:
 
 def select(scores, profile: str, *, top: int | None = None, min_score: float | None = None,
            percentile: float | None = None, where: str | None = None, join=None, on: str = "key",
-           all_statuses: bool = False) -> pa.Table:
-    """A user's subset: url, caption, key, shard, score and any joined metadata, best first."""
+           all_statuses: bool = False, min_rating: float | None = None) -> pa.Table:
+    """A user's subset: url, caption, key, shard, score (and rating, on the user's own scale, where the
+    profile is calibrated) and any joined metadata, best first."""
     con = connect(scores, join)
     require_profile(con, profile, scores)
     ours = columns(con, "scores")
+    rated = rating_column(profile) in ours
+    if min_rating is not None and not rated:
+        raise LaionfilterError(f"{scores}: --min-rating needs the column {rating_column(profile)!r}, which a "
+                               f"calibrated profile adds; {profile!r} was learned from pairs or before "
+                               "calibration: learn it again from rated images and score again")
+    # A profile named score or rating still comes out as score (rating); the outer query picks by name.
+    ours = [c for c in ours if c.lower() not in ("score", "rating")]
     inner_cols = [f"s.{quote(c)}" for c in ours]
-    out_cols = ["url", "caption", "key", "shard", "score"]
+    out_cols = ["url", "caption", "key", "shard", "score"] + (["rating"] if rated else [])
     joined = ""
     if join:
         if on not in JOIN_KEYS:
@@ -145,7 +156,7 @@ def select(scores, profile: str, *, top: int | None = None, min_score: float | N
         joined = f" JOIN meta m ON s.{mine} = m.{quote(theirs)}"
         # Metadata wins for names both sides have (LAION's WIDTH is the original image's), except the
         # subset's own columns, which the metadata's copies get a meta_ prefix beside.
-        keep = {"url", "caption", "key", "shard", "score", "status"}
+        keep = {"url", "caption", "key", "shard", "score", "rating", "status"}
         meta_lower = {c.lower() for c in meta_cols}
         inner_cols = [f"s.{quote(c)}" for c in ours if c in keep or c.lower() not in meta_lower]
         for c in meta_cols:
@@ -159,6 +170,9 @@ def select(scores, profile: str, *, top: int | None = None, min_score: float | N
     if min_score is not None:
         conds.append("score >= ?")
         params.append(min_score)
+    if min_rating is not None:
+        conds.append("rating >= ?")
+        params.append(min_rating)
     if percentile is not None:
         if not 0 <= percentile <= 100:
             raise LaionfilterError(f"--percentile {percentile}: must be between 0 and 100")
@@ -167,7 +181,8 @@ def select(scores, profile: str, *, top: int | None = None, min_score: float | N
         params.append(percentile / 100)
     if where:
         conds.append(f"({where_expression(where)})")
-    inner = f"SELECT {', '.join(inner_cols)}, s.{quote(profile)} AS score FROM scores s{joined}"
+    rating = f", s.{quote(rating_column(profile))} AS rating" if rated else ""
+    inner = f"SELECT {', '.join(inner_cols)}, s.{quote(profile)} AS score{rating} FROM scores s{joined}"
     sql = (f"SELECT {', '.join(quote(c) for c in out_cols)} FROM ({inner}) "
            f"WHERE {' AND '.join(conds)} ORDER BY score DESC, key")
     if top is not None:

@@ -31,7 +31,7 @@ from .profile import Profile, load_profile
 from .reader import shard_name
 from .safefiles import file_sha256
 from .shards import expand_shards, is_remote
-from .writer import FIXED_COLUMNS, prepare_output, shard_done
+from .writer import FIXED_COLUMNS, prepare_output, rating_column, shard_done
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ def resolve_profiles(specs: list[str | os.PathLike]) -> list[tuple[str, Profile,
     for name, f in files:
         column = name or check_name(f.name.removesuffix(".profile"), "profile file name", f"{f} (use --profile NAME={f})")
         out.append((column, load_profile(f), f))
-    check_distinct([c for c, _, _ in out] + FIXED_COLUMNS, "score columns (name them with --profile NAME=PATH)")
+    ratings = [rating_column(c) for c, p, _ in out if p.calibration is not None]
+    check_distinct([c for c, _, _ in out] + ratings + FIXED_COLUMNS, "score columns (name them with --profile NAME=PATH)")
     return out
 
 

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch.func import functional_call
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -25,7 +26,7 @@ from .merge import merge_weights
 from .model import ScoreModel, autocast, count_blocks, layer_stage, pick_device
 from .profile import Profile
 from .reader import shard_name
-from .writer import ShardRows
+from .writer import ShardRows, rating_column
 
 
 def scoring_device(name: str = "auto") -> torch.device:
@@ -118,6 +119,9 @@ class MergedModels:
         self.device = device
         self.chunk = cpu_chunk if device.type == "cpu" else None  # images per forward; None: the whole batch
         self.names = [name for name, _ in profiles]
+        # A calibrated profile adds its rating column, computed from its score column.
+        self.ratings = {name: prof.calibration for name, prof in profiles if prof.calibration is not None}
+        self.columns = self.names + [rating_column(name) for name in self.ratings]
         alphas = [prof.alpha for _, prof in profiles]
         for _, prof in profiles:
             prof.check_bank(bank)
@@ -169,6 +173,10 @@ class MergedModels:
                     column = out[self.names[i]]
                     for row, v in zip(batch.index, y):
                         column[row] = v
+        for name, cal in self.ratings.items():
+            scored = [v for v in out[name] if v is not None]
+            rated = iter(cal(np.asarray(scored, dtype=np.float32)).tolist())
+            out[rating_column(name)] = [None if v is None else next(rated) for v in out[name]]
         return out
 
 
@@ -182,7 +190,7 @@ def write_batches(batches: Iterable[Batch | ShardDone], models: MergedModels, ou
     open_shards: dict[str, ShardRows] = {}
     for item in batches:
         rows = open_shards.get(item.url) or open_shards.setdefault(
-            item.url, ShardRows(item.url, shard_name(item.url), models.names))
+            item.url, ShardRows(item.url, shard_name(item.url), models.columns))
         if isinstance(item, ShardDone):
             del open_shards[item.url]
             yield rows.finish(out, fingerprint, item.error)

@@ -24,6 +24,11 @@ from .safefiles import atomic_write, read_json, write_json
 FIXED_COLUMNS = ["key", "shard", "url", "caption", "width", "height", "status", "error"]
 
 
+def rating_column(profile: str) -> str:
+    """The column of a calibrated profile's ratings on the user's own scale, beside its score column."""
+    return f"{profile}_rating"
+
+
 def schema(profiles: list[str]) -> pa.Schema:
     return pa.schema([("key", pa.string()), ("shard", pa.string()), ("url", pa.string()), ("caption", pa.string()),
                       ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string()), ("error", pa.string())]

@@ -44,18 +44,20 @@ def duck(scores, sql, params=()):
     (["--min-score", "MID"], "alice >= MID ORDER BY alice DESC, key"),
     (["--percentile", "75"], "alice >= (SELECT quantile_cont(alice, 0.75) FROM scores WHERE status = 'ok') ORDER BY alice DESC, key"),
     (["--where", "key LIKE '00001%'"], "key LIKE '00001%' ORDER BY alice DESC, key"),
+    (["--min-rating", "MIDR"], "alice_rating >= MIDR ORDER BY alice DESC, key"),
 ])
 def test_select_options_equal_hand_written_duckdb(scored, tmp_path, options, where):
     scores, _ = scored
-    mid = duck(scores, "SELECT median(alice) FROM scores")[0][0]
-    options = [o.replace("MID", repr(mid)) for o in options]
-    where = where.replace("MID", repr(mid))
+    mid, midr = duck(scores, "SELECT median(alice), median(alice_rating) FROM scores")[0]
+    options = [o.replace("MIDR", repr(midr)).replace("MID", repr(mid)) for o in options]
+    where = where.replace("MIDR", repr(midr)).replace("MID", repr(mid))
     r = run("select", scores, "--profile", "alice", *options, "--out", tmp_path / "s.parquet")
     assert r.exit_code == 0, r.output
     got = pq.read_table(tmp_path / "s.parquet").to_pylist()
-    expect = duck(scores, f"SELECT key, alice FROM scores WHERE status = 'ok' AND alice IS NOT NULL AND {where}")
-    assert [(g["key"], pytest.approx(g["score"])) for g in got] == [(k, pytest.approx(v)) for k, v in expect]
-    assert len(got) > 0 and set(got[0]) == {"url", "caption", "key", "shard", "score"}
+    expect = duck(scores, f"SELECT key, alice, alice_rating FROM scores WHERE status = 'ok' AND alice IS NOT NULL AND {where}")
+    assert [(g["key"], pytest.approx(g["score"]), pytest.approx(g["rating"])) for g in got] == [
+        (k, pytest.approx(v), pytest.approx(r)) for k, v, r in expect]
+    assert len(got) > 0 and set(got[0]) == {"url", "caption", "key", "shard", "score", "rating"}
 
 
 def test_select_joins_laion_metadata(scored, tmp_path):

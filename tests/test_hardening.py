@@ -393,7 +393,7 @@ def test_columns_are_named_by_file_or_name_equals_path_and_never_twice(profiles,
             "--out", tmp_path / "s", "--workers", "0", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert f"me ← {copy}" in r.output and f"you ← {profiles[1]}" in r.output
-    assert pq.read_schema(tmp_path / "s" / "00000.parquet").names[-2:] == ["me", "you"]
+    assert pq.read_schema(tmp_path / "s" / "00000.parquet").names[-4:] == ["me", "you", "me_rating", "you_rating"]
     r = run("score", shards, "--profile", f"Me={profiles[1]}", "--profile", copy, "--bank", small_bank.path,
             "--out", tmp_path / "t", "--workers", "0", "--device", "cpu")
     assert "collide" in one_line_error(r) and not (tmp_path / "t").exists()
@@ -445,7 +445,9 @@ def test_evaluate_progress_counts_steps(small_bank, tmp_path, capsys):
         (imgs / f"{i}.jpg").write_bytes(s["jpg"])
         rows.append(f"u,img/{i}.jpg,{i % 5}")
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
-    methods = {"zero-shot ensemble": "zero-shot ensemble", "learned": LearnConfig(steps=7, device="cpu")}
+    methods = {"zero-shot ensemble": "zero-shot ensemble",
+               "learned": LearnConfig(steps=7, device="cpu", calibration="none"),
+               "calibrated": LearnConfig(steps=7, device="cpu", folds=2)}
     evaluate(tmp_path / "t.csv", small_bank, shots=(4,), trials=2, methods=methods, device="cpu", progress=True)
     err = capsys.readouterr().err
-    assert "16/16" in err and "step" in err  # 2 trials × (1 baseline + 7 steps)
+    assert "58/58" in err and "step" in err  # 2 trials × (1 baseline + 7 steps + 3 fits of 7 steps)

@@ -32,6 +32,8 @@ def test_merged_weights_on_a_real_bank(small_bank):
     g = torch.Generator().manual_seed(0)
     alpha = torch.rand(small_bank.n, len(small_bank.layers), generator=g)
     merged = small_bank.merged_state(alpha)
+    differentiable = merge_weights(small_bank.pre, small_bank.tau, small_bank.layers, alpha.clone().requires_grad_())
+    assert all(torch.equal(merged[k], differentiable[k].detach()) for k in merged)  # scoring's buffers: same bits
     for l, name in enumerate(small_bank.layers):
         expect = small_bank.pre[name].double() + sum(alpha[i, l].double() * small_bank.tau[name][i].double()
                                                      for i in range(small_bank.n))

@@ -53,3 +53,13 @@ def test_no_import_circles():
 
     cycles = [c for m in graph if (c := cycle_from(m))]
     assert not cycles, cycles[0]
+
+
+def test_the_readme_module_table_lists_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme.split("| module | holds |")[1].split("\n\n")[0]
+    listed = {name.strip().strip("`/") for row in table.splitlines()[2:] for name in row.split("|")[1].split(",")}
+    modules = {".".join(p.relative_to(PACKAGE).with_suffix("").parts).replace(".", "/")
+               for p in PACKAGE.rglob("*.py") if p.stem not in ("__init__", "__main__")}
+    assert modules - listed == set(), "modules missing from the README's module table"
+    assert {m for m in listed if m != "web"} - modules == set(), "the README's module table names modules that do not exist"

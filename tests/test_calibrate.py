@@ -1,0 +1,173 @@
+"""Scores in the user's own scale: the calibration map, the out-of-fold fits it is fitted on, the step
+count the support set chooses, and the rating column from learn through score to select."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from laionfilter import learn as learn_module
+from laionfilter.calibrate import Calibration, fit_calibration
+from laionfilter.cli import cli
+from laionfilter.errors import LaionfilterError
+from laionfilter.evaluate import rating_errors
+from laionfilter.learn import LearnConfig, Merger, fit, fit_recipe, out_of_fold
+from laionfilter.model import eval_transform
+from laionfilter.profile import learn_profiles, load_profile
+from laionfilter.ratings import read_ratings
+from laionfilter.score import ScoreConfig, score_shards
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_linear_map_is_least_squares_with_a_non_negative_slope_clipped_to_the_range():
+    x = np.array([0.0, 1.0, 2.0, 3.0])
+    cal = fit_calibration(x, 2 * x + 1, "linear")
+    assert (cal.slope, cal.intercept, cal.low, cal.high) == pytest.approx((2.0, 1.0, 1.0, 7.0))
+    assert cal(np.array([-10.0, 1.5, 10.0])).tolist() == pytest.approx([1.0, 4.0, 7.0])
+    against = fit_calibration(x, 7 - 2 * x, "linear")  # out-of-fold scores that rank backwards: no trust
+    assert against.slope == 0 and against(np.array([-5.0, 5.0])).tolist() == pytest.approx([4.0, 4.0])
+    flat = fit_calibration(np.zeros(4), np.array([1.0, 2.0, 3.0, 4.0]), "linear")
+    assert flat(np.array([3.0])).tolist() == [2.5]
+
+
+def test_isotonic_map_is_monotone_pools_equal_scores_and_is_flat_beyond_its_points():
+    x = np.array([0.0, 1.0, 1.0, 2.0, 3.0])
+    y = np.array([1.0, 4.0, 2.0, 2.0, 5.0])
+    cal = fit_calibration(x, y, "isotonic")
+    assert cal.x == (0.0, 1.0, 2.0, 3.0)
+    assert cal.y == pytest.approx((1.0, 8 / 3, 8 / 3, 5.0))  # the violator (1 → 3, 2 → 2) pooled by weight
+    assert cal(np.array([-1.0, 0.5, 9.0])).tolist() == pytest.approx([1.0, (1 + 8 / 3) / 2, 5.0])
+    grid = cal(np.linspace(-1, 4, 50))
+    assert np.all(np.diff(grid) >= 0)
+
+
+def test_calibration_round_trips_and_a_malformed_one_is_refused_by_name():
+    for kind in ("linear", "isotonic"):
+        cal = fit_calibration(np.array([0.1, 0.4, 0.2, 0.9]), np.array([1.0, 3.0, 2.0, 5.0]), kind)
+        again = Calibration.from_json(cal.to_json())
+        assert again == cal
+    with pytest.raises(LaionfilterError, match="p.profile: malformed calibration .*negative slope"):
+        Calibration.from_json({"kind": "linear", "low": 1, "high": 5, "slope": -1, "intercept": 0}, "p.profile")
+    with pytest.raises(LaionfilterError, match="increasing"):
+        Calibration.from_json({"kind": "isotonic", "low": 1, "high": 5, "x": [0, 1], "y": [3, 2]})
+    with pytest.raises(LaionfilterError, match="kind 'cubic'"):
+        Calibration.from_json({"kind": "cubic", "low": 1, "high": 5})
+
+
+@pytest.fixture(scope="module")
+def support(small_bank, ratings_csv):
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
+    return Merger(small_bank, torch.device("cpu")), sup
+
+
+def test_checkpoints_keep_alpha_on_the_full_schedule_and_the_fit_stops_at_the_last(support):
+    merger, sup = support
+    cfg = LearnConfig(steps=12, device="cpu")
+    full = fit(merger, sup.pixels, sup.scores, cfg, checkpoints=(0, 5, 12))
+    assert torch.equal(full["alpha_at"][0], full["alpha_init"])
+    assert not torch.equal(full["alpha_at"][5], full["alpha_at"][12])  # copies, not views of the moving α
+    assert torch.equal(full["alpha_at"][12], fit(merger, sup.pixels, sup.scores, cfg)["alpha"])
+    stopped = fit(merger, sup.pixels, sup.scores, cfg, checkpoints=(5,))
+    assert stopped["loss_curve"]["steps"] == 5 and torch.equal(stopped["alpha"], full["alpha_at"][5])
+
+
+def test_each_image_is_scored_by_a_fit_that_never_saw_it(support, monkeypatch):
+    merger, sup = support
+    seen = []
+    real_fit = learn_module.fit
+
+    def spy(merger, pixels, scores, cfg, **kw):
+        seen.append({tuple(p.flatten()[:8].tolist()) for p in pixels})
+        return real_fit(merger, pixels, scores, cfg, **kw)
+
+    monkeypatch.setattr(learn_module, "fit", spy)
+    oof = out_of_fold(merger, sup.pixels, sup.scores, LearnConfig(steps=2, device="cpu", folds=4), steps=(0, 2))
+    assert len(seen) == 4 and set(oof) == {0, 2}
+    images = [tuple(p.flatten()[:8].tolist()) for p in sup.pixels]
+    held_out = [[im for im in images if im not in trained] for trained in seen]
+    assert sorted(i for fold in held_out for i in fold) == sorted(images)  # every image held out exactly once
+    # At step 0 a fold's prediction is its merged-at-init model, started from its own training images.
+    fold_preds = merger.task_predictions(sup.pixels)
+    for fold in held_out:
+        idx = [images.index(im) for im in fold]
+        train = [i for i in range(len(images)) if i not in idx]
+        start = real_fit(merger, sup.pixels[train], sup.scores[train], LearnConfig(steps=0, device="cpu"),
+                         task_preds=fold_preds[:, train])["alpha"]
+        np.testing.assert_allclose(oof[0][idx], merger.predict(start, sup.pixels[idx]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_support_set_chooses_the_step_count_and_the_profile_records_why(support, ratings_csv, small_bank, tmp_path):
+    merger, sup = support
+    cfg = LearnConfig(steps=8, device="cpu", steps_from=(8, 0, 4), folds=3)
+    assert cfg.steps_from == (0, 4, 8)
+    r = fit_recipe(merger, sup.pixels, sup.scores, cfg)
+    best = max(r["oof_srocc"].values())
+    assert r["oof_srocc"][str(r["steps_chosen"])] == best
+    assert r["steps_chosen"] == min(int(s) for s, v in r["oof_srocc"].items() if v == best)
+    assert r["loss_curve"].get("steps", 0) <= r["steps_chosen"]
+    assert r["calibration"].kind == "linear"
+    assert r["calibration"] == fit_calibration(r["oof"], sup.scores, "linear")
+    # learn runs on one thread here, the fit above on torch's default: equal up to float rounding
+    profile = learn_profiles(ratings_csv, small_bank, tmp_path / "p.profile", cfg, progress=False)[0]
+    meta = load_profile(profile.path).meta
+    assert meta["out_of_fold"]["folds"] == 3 and meta["out_of_fold"]["steps_chosen"] == r["steps_chosen"]
+    assert meta["out_of_fold"]["srocc"] == pytest.approx(r["oof_srocc"], abs=1e-6)
+    cal = load_profile(profile.path).calibration
+    assert (cal.kind, cal.low, cal.high) == ("linear", r["calibration"].low, r["calibration"].high)
+    assert (cal.slope, cal.intercept) == pytest.approx((r["calibration"].slope, r["calibration"].intercept), rel=1e-5)
+    with pytest.raises(LaionfilterError, match="between 0 and steps"):
+        LearnConfig(steps=8, steps_from=(0, 9))
+
+
+def test_rating_errors_against_hand_computed_baselines():
+    oof = np.array([1.0, 2.0, 3.0, 4.0])
+    y_sup = np.array([2.0, 4.0, 6.0, 8.0])
+    pred = np.array([0.0, 2.5, 5.0])
+    y_test = np.array([2.0, 5.0, 9.0])
+    e = rating_errors(oof, y_sup, pred, y_test)
+    assert e["linear"] == pytest.approx(np.mean(np.abs(np.clip(2 * pred, 2, 8) - y_test)))
+    assert e["min-max"] == pytest.approx(np.mean(np.abs(np.array([2.0, 5.0, 8.0]) - y_test)))
+    assert e["support mean"] == pytest.approx(np.mean(np.abs(5.0 - y_test)))
+    assert set(e) == {"linear", "isotonic", "min-max", "support mean"}
+
+
+def test_score_writes_the_rating_beside_the_score_and_select_keeps_min_rating(profiles, shards, small_bank, tmp_path):
+    alice = load_profile(profiles[0])
+    assert alice.calibration is not None  # learned with the default recipe
+    out = tmp_path / "scores"
+    score_shards(str(shards), [f"alice={profiles[0]}"], out, bank=small_bank,
+                 cfg=ScoreConfig(workers=0, device="cpu"), progress=False)
+    t = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("*.parquet"))).sort_by("key")
+    assert t.schema.field("alice_rating").type == "float"
+    score, rating = np.array(t["alice"].to_pylist()), np.array(t["alice_rating"].to_pylist())
+    np.testing.assert_allclose(rating, alice.calibration(score.astype(np.float32)), rtol=1e-6)
+    order = np.argsort(score)
+    assert np.all(np.diff(rating[order]) >= 0)
+    assert rating.min() >= alice.calibration.low and rating.max() <= alice.calibration.high
+    cut = float(np.median(rating))
+    r = run("select", out, "--profile", "alice", "--min-rating", cut, "--out", tmp_path / "s.parquet")
+    assert r.exit_code == 0, r.output
+    got = pq.read_table(tmp_path / "s.parquet").to_pylist()
+    keep = sorted(k for k, v in zip(t["key"].to_pylist(), rating) if np.float32(v) >= np.float32(cut))
+    assert sorted(g["key"] for g in got) == keep and all(g["rating"] >= cut for g in got)
+
+
+def test_min_rating_without_a_calibrated_profile_and_rating_column_collisions(profiles, ratings_csv, small_bank,
+                                                                              shards, tmp_path):
+    plain = learn_profiles(ratings_csv, small_bank, tmp_path / "plain.profile",
+                           LearnConfig(steps=2, device="cpu", calibration="none"), progress=False)[0]
+    assert plain.calibration is None and "calibration" not in load_profile(plain.path).meta
+    out = tmp_path / "scores"
+    score_shards(str(shards), [str(plain.path)], out, bank=small_bank, cfg=ScoreConfig(workers=0, device="cpu"),
+                 progress=False)
+    assert "plain_rating" not in pq.read_schema(next(out.glob("*.parquet"))).names
+    r = run("select", out, "--profile", "plain", "--min-rating", 3, "--out", tmp_path / "s.parquet")
+    assert r.exit_code == 1 and "--min-rating needs the column 'plain_rating'" in r.output
+    with pytest.raises(LaionfilterError, match="score columns"):
+        score_shards(str(shards), [f"x={profiles[0]}", f"x_rating={plain.path}"], tmp_path / "clash",
+                     bank=small_bank, cfg=ScoreConfig(workers=0, device="cpu"), progress=False)
