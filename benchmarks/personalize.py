@@ -96,7 +96,7 @@ def main() -> None:
     bank = resolve_bank(args.bank)
     table = simulate_users(args.out / "data", args.users, args.images, args.seed, args.against)
     # Calibration changes no prediction, only what it costs; it is measured on the --steps-from recipe.
-    base = LearnConfig(steps=args.steps, device="cpu", calibration="none" if args.steps_from else "linear")
+    base = LearnConfig(steps=args.steps, device="cpu", calibration="none" if args.steps_from else "isotonic")
     methods = default_methods(base)
     if args.tunes:
         methods = tune_methods(LearnConfig(steps=args.steps, device="cpu"), args.tunes.split(","))
@@ -105,7 +105,7 @@ def main() -> None:
     if args.steps_from:
         steps_from = tuple(int(x) for x in args.steps_from.split(","))
         methods[f"default recipe, steps from {args.steps_from} by out-of-fold SROCC"] = replace(
-            base, steps_from=steps_from, calibration="linear")
+            base, steps_from=steps_from, calibration="isotonic")
     if args.methods:
         keep = [m.strip() for m in args.methods.split(";")]
         methods = {k: v for k, v in methods.items() if k in keep}

@@ -8,7 +8,9 @@ than how well the coefficients fit the images they were trained on.
 
 Two kinds: ``linear`` (least squares with a slope ≥ 0; with weak out-of-fold predictions the slope
 shrinks toward the support set's mean rating) and ``isotonic`` (scipy's isotonic regression, a step
-function, interpolated between the fitted points and flat beyond them).
+function, interpolated between the fitted points and flat beyond them). Isotonic is the default: on
+the default recipe it had the lower error on the user set settings are chosen on (README, "Ratings in
+the user's scale").
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Calibration:
         return cal
 
 
-def fit_calibration(pred: np.ndarray, ratings: np.ndarray, kind: str = "linear") -> Calibration:
+def fit_calibration(pred: np.ndarray, ratings: np.ndarray, kind: str = "isotonic") -> Calibration:
     """The monotone map from ``pred`` (out-of-fold model scores) to ``ratings``."""
     if kind not in KINDS:
         raise LaionfilterError(f"calibration must be one of {', '.join(KINDS)} or none, not {kind!r}")

@@ -298,7 +298,7 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--anchor", type=float,
               help="Beyond the paper: a penalty (anchor / support size) keeping the coefficients near their start "
                    "[default: 10]; 0 is the paper's recipe.")
-@click.option("--calibration", type=click.Choice(["linear", "isotonic", "none"]), default="linear", show_default=True,
+@click.option("--calibration", type=click.Choice(["isotonic", "linear", "none"]), default="isotonic", show_default=True,
               help="Map from score to the user's own rating scale (score writes it as <profile>_rating), fitted on "
                    "out-of-fold predictions: costs --folds extra fits.")
 @click.option("--folds", type=int, default=5, show_default=True, help="Folds of the out-of-fold predictions.")

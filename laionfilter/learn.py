@@ -63,7 +63,7 @@ class LearnConfig:
     # Beyond the paper: the map from score to the user's rating scale ("linear", "isotonic" or "none"),
     # fitted on out-of-fold predictions of ``folds`` fits (see calibrate.py); pairwise answers have no
     # scale and get none.
-    calibration: str = "linear"
+    calibration: str = "isotonic"
     folds: int = 5
     # Beyond the paper: candidate step counts; the out-of-fold SROCC over the support set picks one, and
     # the final fit stops there (on the schedule of ``steps``). Empty: train ``steps``.
@@ -326,6 +326,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     if pairs is not None or (cfg.calibration == "none" and not cfg.steps_from):
         return fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc,
                    on_step=on_step, pairs=pairs)
+    started = time.time()
     if task_preds is None:
         task_preds = merger.task_predictions(pixels)
     candidates = cfg.steps_from or (cfg.steps,)
@@ -338,7 +339,8 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     chosen = max(candidates, key=lambda s: (cv[s], -s))  # a tie goes to fewer steps
     r = fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc, on_step=on_step,
             checkpoints=(chosen,))
-    r.update(oof=oof[chosen], oof_srocc={str(s): v for s, v in cv.items()}, steps_chosen=chosen)
+    r.update(oof=oof[chosen], oof_srocc={str(s): v for s, v in cv.items()}, steps_chosen=chosen,
+             seconds=round(time.time() - started, 2))  # the out-of-fold fits included
     if cfg.calibration != "none":
         r["calibration"] = fit_calibration(oof[chosen], scores, cfg.calibration)
     return r

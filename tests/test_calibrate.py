@@ -103,7 +103,7 @@ def test_each_image_is_scored_by_a_fit_that_never_saw_it(support, monkeypatch):
 
 def test_the_support_set_chooses_the_step_count_and_the_profile_records_why(support, ratings_csv, small_bank, tmp_path):
     merger, sup = support
-    cfg = LearnConfig(steps=8, device="cpu", steps_from=(8, 0, 4), folds=3)
+    cfg = LearnConfig(steps=8, device="cpu", steps_from=(8, 0, 4), folds=3, calibration="linear")
     assert cfg.steps_from == (0, 4, 8)
     r = fit_recipe(merger, sup.pixels, sup.scores, cfg)
     best = max(r["oof_srocc"].values())
@@ -138,7 +138,7 @@ def test_rating_errors_against_hand_computed_baselines():
 
 def test_score_writes_the_rating_beside_the_score_and_select_keeps_min_rating(profiles, shards, small_bank, tmp_path):
     alice = load_profile(profiles[0])
-    assert alice.calibration is not None  # learned with the default recipe
+    assert alice.calibration.kind == "isotonic"  # learned with the default recipe
     out = tmp_path / "scores"
     score_shards(str(shards), [f"alice={profiles[0]}"], out, bank=small_bank,
                  cfg=ScoreConfig(workers=0, device="cpu"), progress=False)

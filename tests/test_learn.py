@@ -79,11 +79,11 @@ def test_gradients_reach_only_the_coefficients(small_bank):
 
 
 def test_same_seed_same_profile_and_learning_helps(small_bank, ratings_csv, tmp_path):
-    cfg = LearnConfig(steps=20, device="cpu")
+    cfg = LearnConfig(steps=20, device="cpu", calibration="none")  # calibration: tests/test_calibrate.py
     a = learn_profiles(ratings_csv, small_bank, tmp_path / "a.profile", cfg, progress=False)[0]
     b = learn_profiles(ratings_csv, small_bank, tmp_path / "b.profile", cfg, progress=False)[0]
     assert torch.equal(a.alpha, b.alpha)
-    c = learn_profiles(ratings_csv, small_bank, tmp_path / "c.profile", LearnConfig(steps=20, device="cpu", seed=1),
+    c = learn_profiles(ratings_csv, small_bank, tmp_path / "c.profile", LearnConfig(steps=20, device="cpu", seed=1, calibration="none"),
                        progress=False)[0]
     assert torch.equal(load_profile(c.path).alpha, c.alpha) and load_profile(c.path).meta == c.meta
     assert not torch.equal(a.alpha, c.alpha)

@@ -21,7 +21,7 @@ def tuned(small_bank, ratings_csv, tmp_path_factory):
     out = {}
     for name, tune, seed in [("h1", "head", 1), ("h2", "head", 2), ("t1", "top-1", 1), ("t2", "top-1", 2),
                              ("a1", "all", 1)]:
-        cfg = LearnConfig(steps=6, lr=5e-2, device="cpu", tune=tune, seed=seed, batch_size=8)
+        cfg = LearnConfig(steps=6, lr=5e-2, device="cpu", tune=tune, seed=seed, batch_size=8, calibration="none")
         out[name] = learn_profiles(ratings_csv, small_bank, root / f"{name}.profile", cfg, progress=False)[0]
     return out
 
