@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from laionfilter.evaluate import default_methods, evaluate, markdown_table, plot_per_user, tune_methods
+from laionfilter.evaluate import (default_methods, evaluate, markdown_table, plot_per_user, tune_methods,
+                                  with_steps_from)
 from laionfilter.learn import LearnConfig
 from laionfilter.safefiles import write_json
 from laionfilter.bank import resolve_bank
@@ -102,10 +102,7 @@ def main() -> None:
         methods = tune_methods(LearnConfig(steps=args.steps, device="cpu"), args.tunes.split(","))
     for a in filter(None, args.anchors.split(",")):
         methods[f"anchored {a}/N"] = LearnConfig(steps=args.steps, device="cpu", anchor=float(a))
-    if args.steps_from:
-        steps_from = tuple(int(x) for x in args.steps_from.split(","))
-        methods[f"default recipe, steps from {args.steps_from} by out-of-fold SROCC"] = replace(
-            base, steps_from=steps_from, calibration="isotonic")
+    methods = with_steps_from(methods, base, tuple(int(x) for x in args.steps_from.split(",") if x))
     if args.methods:
         keep = [m.strip() for m in args.methods.split(";")]
         methods = {k: v for k, v in methods.items() if k in keep}

@@ -381,13 +381,16 @@ def inspect(profile_path, as_json, plot):
                                       "instead of the paper's ablations.")
 @click.option("--select", "selections", help="Compare ways of choosing the K images to rate (random,active), with the "
                                              "default recipe, instead of the paper's ablations.")
+@click.option("--steps-from", help="Also the default recipe choosing its step count among these (e.g. 0,100,250,500) "
+                                   "by out-of-fold SROCC, as learn --steps-from.")
 @seed_option()
 @device_option()
 @json_option
 @click.option("--out", type=click.Path(dir_okay=False), help="Write every number (per user, trial, K, method) as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Per-user results as a PNG.")
 @threads_option
-def evaluate(table, bank_path, shots, trials, steps, tunes, selections, seed, device, as_json, out, plot, threads):
+def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_from, seed, device, as_json, out, plot,
+             threads):
     """Evaluate personalisation on a table of user, image, score (the paper's protocol, section 4.4).
 
     \b
@@ -395,7 +398,7 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, seed, de
       laionfilter evaluate realcur.csv --bank bank/ --shots 10,100 --trials 10 --out results.json
     """
     from .evaluate import (default_methods, evaluate as run, evaluate_selection, markdown_table, plot_per_user,
-                           tune_methods)
+                           tune_methods, with_steps_from)
     from .learn import LearnConfig
     from .safefiles import write_json
     from .bank import resolve_bank
@@ -407,6 +410,7 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, seed, de
                                     seed=seed, device=device, threads=threads)
     else:
         methods = tune_methods(base, tunes.split(",")) if tunes else default_methods(base)
+        methods = with_steps_from(methods, base, _int_list(steps_from, "--steps-from"))
         result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device, threads=threads)
     if as_json:
         _echo_json(result)

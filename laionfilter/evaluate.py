@@ -38,6 +38,16 @@ def tune_methods(base: LearnConfig, tunes: list[str]) -> dict[str, LearnConfig |
             **{f"default recipe, tune {t}": replace(base, tune=t, calibration="none") for t in tunes}}
 
 
+def with_steps_from(methods: dict[str, LearnConfig | str], base: LearnConfig, steps_from: tuple[int, ...]
+                    ) -> dict[str, LearnConfig | str]:
+    """``methods`` plus ``base`` choosing its step count among ``steps_from`` by out-of-fold SROCC
+    (calibrated as the default recipe is)."""
+    if not steps_from:
+        return methods
+    name = f"default recipe, steps from {','.join(map(str, steps_from))} by out-of-fold SROCC"
+    return {**methods, name: replace(base, steps_from=tuple(steps_from), calibration=LearnConfig().calibration)}
+
+
 def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
     """Method name → a LearnConfig (learned coefficients) or a zero-shot baseline's name.
 

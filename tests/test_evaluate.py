@@ -59,14 +59,17 @@ def test_too_few_images_for_the_shots_are_skipped_with_a_note(users_table, small
 
 def test_cli_evaluate(users_table, small_bank, tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "5",
-                                 "--trials", "1", "--steps", "2", "--device", "cpu",
+                                 "--trials", "1", "--steps", "2", "--device", "cpu", "--steps-from", "0,2",
                                  "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert len(data["runs"]) == 2 * len(data["methods"])
     assert all(f"| {name} |" in r.output for name in data["methods"])
+    chosen = [run for run in data["runs"] if run["method"] == "default recipe, steps from 0,2 by out-of-fold SROCC"]
+    assert len(chosen) == 2 and all(run["steps_chosen"] in (0, 2) and run["mae"]["isotonic"] >= 0 for run in chosen)
+    assert "Rating MAE" in r.output
     printed = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "5",
-                                       "--trials", "1", "--steps", "2", "--device", "cpu", "--json"])
+                                       "--trials", "1", "--steps", "2", "--device", "cpu", "--steps-from", "0,2", "--json"])
     assert json.loads(printed.stdout)["runs"] == data["runs"]  # --json prints what --out writes
     assert (tmp_path / "p.png").stat().st_size > 1000
     r = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "x"])
