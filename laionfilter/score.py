@@ -94,7 +94,9 @@ def resolve_profiles(specs: list[str | os.PathLike]) -> list[tuple[str, Profile,
     for name, f in files:
         column = name or check_name(f.name.removesuffix(".profile"), "profile file name", f"{f} (use --profile NAME={f})")
         out.append((column, load_profile(f), f))
-    ratings = [rating_column(c) for c, p, _ in out if p.calibration is not None]
+    # Every profile's rating name is reserved, calibrated or not: a column x_rating beside x would read
+    # as x's ratings to anything that looks at the scores later.
+    ratings = [rating_column(c) for c, _, _ in out]
     check_distinct([c for c, _, _ in out] + ratings + FIXED_COLUMNS, "score columns (name them with --profile NAME=PATH)")
     return out
 

@@ -168,6 +168,7 @@ def test_min_rating_without_a_calibrated_profile_and_rating_column_collisions(pr
     assert "plain_rating" not in pq.read_schema(next(out.glob("*.parquet"))).names
     r = run("select", out, "--profile", "plain", "--min-rating", 3, "--out", tmp_path / "s.parquet")
     assert r.exit_code == 1 and "--min-rating needs the column 'plain_rating'" in r.output
-    with pytest.raises(LaionfilterError, match="score columns"):
-        score_shards(str(shards), [f"x={profiles[0]}", f"x_rating={plain.path}"], tmp_path / "clash",
-                     bank=small_bank, cfg=ScoreConfig(workers=0, device="cpu"), progress=False)
+    for first, second in ((profiles[0], plain.path), (plain.path, profiles[0])):  # calibrated or not
+        with pytest.raises(LaionfilterError, match="score columns"):
+            score_shards(str(shards), [f"x={first}", f"X_rating={second}"], tmp_path / "clash",
+                         bank=small_bank, cfg=ScoreConfig(workers=0, device="cpu"), progress=False)
