@@ -120,18 +120,7 @@ def safe_open_meta(path: Path) -> Iterator[dict[str, str]]:
 
 def read_metadata(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     """The laionfilter metadata of a safetensors file, without loading its tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise LaionfilterError(f"{path}: no such {what}")
-    try:
-        with safe_open_meta(path) as meta:
-            raw = meta.get(META_KEY)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        with open(path, "rb") as f:
-            head = f.read(16)
-        msg = _explain_not_safetensors(path, head)
-        raise LaionfilterError(msg if "pickled" in msg else f"{path}: corrupt safetensors {what} ({e})") from None
-    return json.loads(raw) if raw else {}
+    return _read(path, what, lambda p: None)[1]
 
 
 @contextlib.contextmanager
