@@ -78,11 +78,9 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
         supports = read_ratings(table, eval_transform(bank.architecture)).supports
         merger = Merger(bank, dev)
         runs: list[dict[str, Any]] = []
-        # The bar counts learning steps (a baseline or a 0-step fit counts one), so it moves during a fit.
-        cost = {name: (max(1, m.steps) * (1 + m.folds * _uses_folds(m)) if isinstance(m, LearnConfig) else 1)
-                for name, m in methods.items()}
         size = lambda sup: len(sup.scores) if sup.pairs is None else len(sup.pairs)  # noqa: E731 (images or pairs)
-        total = sum(1 for s in supports for k in shots if size(s) - k >= min_test) * trials * sum(cost.values())
+        total = sum(trials * sum(_steps(m, k, s.pairs is None) for m in methods.values())
+                    for s in supports for k in shots if size(s) - k >= min_test)
         bar = tqdm(total=total, desc="evaluate", unit="step", disable=not progress)
         for u_index, sup in enumerate(supports):
             task_preds = merger.task_predictions(sup.pixels)  # [n, N], shared by every split and method
@@ -100,7 +98,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                         y_sup = sup.scores[sup_idx]
                         if len(set(y_sup.tolist())) < 2:
                             note(f"user {sup.user!r} trial {trial}: {k} support images with a single score; skipped")
-                            bar.update(sum(cost.values()))
+                            bar.update(sum(_steps(m, k, True) for m in methods.values()))
                             continue
                         on_support = lambda pred: srocc(y_sup, pred[sup_idx])  # noqa: E731
                         on_test = lambda pred: srocc(sup.scores[test_idx], pred[test_idx])  # noqa: E731
@@ -114,6 +112,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                     trial_seed = int(rng.integers(2**31))  # one batch order for every method in this split
                     for name, method in methods.items():
                         r: dict[str, Any] = {}  # what a learned method reports beyond its predictions
+                        counted = bar.n
                         if method == ZERO_SHOT:
                             pred = task_preds.mean(axis=0)
                         elif method == BEST_SINGLE:
@@ -129,8 +128,8 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                         if "oof" in r:
                             run["mae"] = rating_errors(r["oof"], data["scores"], pred[test_idx], sup.scores[test_idx])
                         runs.append(run)
-                        if not isinstance(method, LearnConfig) or not method.steps:
-                            bar.update(1)
+                        # A chosen step count can end a fit early: the bar still moves by the plan.
+                        bar.update(max(0, _steps(method, k, sup.pairs is None) - (bar.n - counted)))
         bar.close()
         if not runs:
             raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
@@ -140,8 +139,13 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                 "summary": summarise(runs), "runs": runs}
 
 
-def _uses_folds(m: LearnConfig) -> bool:
-    return m.calibration != "none" or bool(m.steps_from)
+def _steps(method: LearnConfig | str, k: int, scored: bool) -> int:
+    """What the progress bar counts for one method on one split of K: its learning steps, out-of-fold
+    fits included (a baseline or a 0-step fit counts one)."""
+    if not isinstance(method, LearnConfig):
+        return 1
+    folds = min(method.folds, k) if scored and method.uses_folds else 0
+    return max(1, max(method.steps_from, default=method.steps) * folds + method.steps)
 
 
 def rating_errors(oof: np.ndarray, y_support: np.ndarray, pred_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:

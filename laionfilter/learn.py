@@ -94,6 +94,11 @@ class LearnConfig:
         if self.tune != "all" and self.layer_agnostic:
             raise LaionfilterError("--tune and --layer-agnostic do not combine: choose one")
 
+    @property
+    def uses_folds(self) -> bool:
+        """Whether a support set of ratings gets the out-of-fold fits (for the calibration or the step count)."""
+        return self.calibration != "none" or bool(self.steps_from)
+
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -178,10 +183,6 @@ class Merger:
         """[n, N]: each task model θ_pre + τ_i on the images."""
         n = self.bank.n
         return np.stack([self.predict(torch.eye(n)[i], pixels) for i in range(n)])
-
-
-def zero_shot_sroccs(task_preds: np.ndarray, scores: np.ndarray) -> list[float]:
-    return [srocc(scores, p) for p in task_preds]
 
 
 def pair_agreement(pairs: np.ndarray, pred: np.ndarray) -> float:
@@ -323,7 +324,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     predictions (``out_of_fold``) choose the step count among ``cfg.steps_from`` and fit the calibration
     (``calibration``, a ``Calibration``). Also returns ``oof`` (the chosen step's out-of-fold scores),
     ``oof_srocc`` per candidate and ``steps_chosen``."""
-    if pairs is not None or (cfg.calibration == "none" and not cfg.steps_from):
+    if pairs is not None or not cfg.uses_folds:
         return fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc,
                    on_step=on_step, pairs=pairs)
     started = time.time()

@@ -15,7 +15,7 @@ def merge_weights(pre: Mapping[str, torch.Tensor], tau: Mapping[str, torch.Tenso
 
     Differentiable in ``alpha``; τ is cast to alpha's dtype and device one layer at a time, so peak memory
     is the bank plus one merged model. Without gradients (scoring), the float32 copy of τ and the sum
-    go through two scratch buffers reused from layer to layer, so that the merged weights are the only
+    go through one scratch buffer reused from layer to layer, so that the merged weights are the only
     memory left behind: with a fresh temporary per layer, the allocator kept 140 MiB of freed
     temporaries on top of a ViT-B-16 model's 330 MiB (benchmarks/memory.py). Same arithmetic, same bits.
     """

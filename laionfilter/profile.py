@@ -74,7 +74,9 @@ def load_profile(path: str | os.PathLike) -> Profile:
     want = (len(meta["tasks"]), meta["layers"])
     if tuple(alpha.shape) != want:
         raise LaionfilterError(f"{path}: coefficients have shape {tuple(alpha.shape)}, its metadata says {want}")
-    return Profile(alpha.float(), meta, Path(path))
+    profile = Profile(alpha.float(), meta, Path(path))
+    _ = profile.calibration  # parsed here, so that a malformed map is refused on load, not at score time
+    return profile
 
 
 def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLike, cfg: LearnConfig = LearnConfig(),

@@ -15,7 +15,7 @@ from laionfilter.errors import LaionfilterError
 from laionfilter.evaluate import rating_errors
 from laionfilter.learn import LearnConfig, Merger, fit, fit_recipe, out_of_fold
 from laionfilter.model import eval_transform
-from laionfilter.profile import learn_profiles, load_profile
+from laionfilter.profile import Profile, learn_profiles, load_profile
 from laionfilter.ratings import read_ratings
 from laionfilter.score import ScoreConfig, score_shards
 
@@ -57,6 +57,14 @@ def test_calibration_round_trips_and_a_malformed_one_is_refused_by_name():
         Calibration.from_json({"kind": "isotonic", "low": 1, "high": 5, "x": [0, 1], "y": [3, 2]})
     with pytest.raises(LaionfilterError, match="kind 'cubic'"):
         Calibration.from_json({"kind": "cubic", "low": 1, "high": 5})
+
+
+def test_a_profile_with_a_malformed_calibration_is_refused_on_load(profiles, tmp_path):
+    good = load_profile(profiles[0])
+    meta = {**good.meta, "calibration": {"kind": "isotonic", "low": 1, "high": 5, "x": [0, 1], "y": [4, 2]}}
+    bad = Profile(good.alpha, meta).save(tmp_path / "bad.profile")
+    with pytest.raises(LaionfilterError, match=rf"{tmp_path / 'bad.profile'}: malformed calibration"):
+        load_profile(bad)
 
 
 @pytest.fixture(scope="module")

@@ -447,7 +447,9 @@ def test_evaluate_progress_counts_steps(small_bank, tmp_path, capsys):
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     methods = {"zero-shot ensemble": "zero-shot ensemble",
                "learned": LearnConfig(steps=7, device="cpu", calibration="none"),
-               "calibrated": LearnConfig(steps=7, device="cpu", folds=2)}
+               "calibrated": LearnConfig(steps=7, device="cpu", folds=2),
+               "chosen": LearnConfig(steps=7, device="cpu", folds=2, steps_from=(0, 7))}
     evaluate(tmp_path / "t.csv", small_bank, shots=(4,), trials=2, methods=methods, device="cpu", progress=True)
     err = capsys.readouterr().err
-    assert "58/58" in err and "step" in err  # 2 trials × (1 baseline + 7 steps + 3 fits of 7 steps)
+    # 2 trials × (1 baseline + 7 steps + 3 fits of 7 steps + the same, whose last fit may stop at 0)
+    assert "100/100" in err and "step" in err
