@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from score import make_shards, profiles_for, vit_b_bank  # noqa: E402
+from score import make_shards, profiles_for, random_bank  # noqa: E402
 
 MODEL_ALONE = """
 import torch, open_clip
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lf-mem-"))
-    bank = vit_b_bank(tmp / "vitb")
+    bank = random_bank(tmp / "vitb")
     [profile] = profiles_for(bank, 1, tmp)
     shards = make_shards(tmp / "shards", 2, 48, 256)
     common = dict(BANK=str(bank.path), SHARDS=shards, PROFILE=str(profile), OUT=str(tmp / "out"))

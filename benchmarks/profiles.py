@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from score import vit_b_bank  # noqa: E402
+from score import random_bank  # noqa: E402
 
 from laionfilter.bank import resolve_bank  # noqa: E402
 from laionfilter.formats import PROFILE_FORMAT  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> None:
     setups = [("tiny", resolve_bank("starter"), torch.randn(256, 3, 64, 64),
                {"head": (1, 8, 64, 512), "top-2": (1, 8, 64), "all": (1, 8, 64)})]
     if not args.skip_vit_b:
-        bank_b = vit_b_bank(Path(tempfile.mkdtemp(prefix="lf-prof-")))
+        bank_b = random_bank(Path(tempfile.mkdtemp(prefix="lf-prof-")))
         setups.append(("ViT-B-16", bank_b, torch.randn(32, 3, 224, 224),
                        {"head": (1, 8, 64, 512), "top-2": (1, 8), "all": (1, 4)}))
     results = {}

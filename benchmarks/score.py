@@ -72,8 +72,8 @@ def profiles_for(bank, k: int, root: Path) -> list[Path]:
     return out
 
 
-def vit_b_bank(root: Path):
-    """A two-task ViT-B-16 bank from random weights (phase 1 with zero steps: τ = 0, shapes real)."""
+def random_bank(root: Path, base: str = "ViT-B-16", device: str = "cpu"):
+    """A two-task bank of ``base`` from random weights (phase 1 with zero steps: τ = 0, shapes real)."""
     table = root / "db.csv"
     img_dir = root / "db"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def vit_b_bank(root: Path):
     table.write_text("\n".join(rows) + "\n")
     tasks = []
     for name in ("a", "b"):
-        cfg = FinetuneConfig(database=str(table), base="ViT-B-16", name=name, device="cpu", workers=0,
+        cfg = FinetuneConfig(database=str(table), base=base, name=name, device=device, workers=0,
                              head=StageConfig(0, 2, 1e-5, 1e-6), backbone=StageConfig(0, 2, 1e-6, 1e-7), checkpoint_every=0)
         finetune(cfg, root / f"{name}.safetensors", progress=False)
         tasks.append(root / f"{name}.safetensors")
@@ -162,7 +162,7 @@ def main() -> None:
     # varies by ±10 % here, so each of its three rates is the median of 3 runs.
     setups = [("tiny (starter bank, 64 px)", resolve_bank("starter"), 8, 256, 256, 3)]
     if not args.skip_vit_b:
-        setups.append(("ViT-B-16 random (224 px)", vit_b_bank(tmp / "vitb"), 4, 48, 32, 1))
+        setups.append(("ViT-B-16 random (224 px)", random_bank(tmp / "vitb"), 4, 48, 32, 1))
     for n, (label, bank, n_shards, per_shard, batch, repeats) in enumerate(setups):
         urls = make_shards(tmp / f"shards-{n}", n_shards, per_shard, 256)
         [prof] = profiles_for(bank, 1, tmp)

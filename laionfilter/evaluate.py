@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from .learn import LearnConfig, Merger, fit_recipe, learning_threads, pair_agree
 from .log import note
 from .metrics import srocc
 from .model import eval_transform, pick_device
-from .ratings import read_ratings
+from .ratings import Support, read_ratings
 
 ZERO_SHOT = "zero-shot ensemble"
 BEST_SINGLE = "best single task"
@@ -91,45 +92,10 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                     note(f"user {sup.user!r}: {n_items} {what}, too few for {k} shots plus {min_test} test {what}; skipped")
                     continue
                 for trial in range(trials):
-                    rng = np.random.default_rng([seed, u_index, k, trial])
-                    perm = rng.permutation(n_items)
-                    sup_idx, test_idx = np.sort(perm[:k]), np.sort(perm[k:])
-                    if sup.pairs is None:  # K rated images; the rest are the test set
-                        y_sup = sup.scores[sup_idx]
-                        if len(set(y_sup.tolist())) < 2:
-                            note(f"user {sup.user!r} trial {trial}: {k} support images with a single score; skipped")
-                            bar.update(sum(_steps(m, k, True) for m in methods.values()))
-                            continue
-                        on_support = lambda pred: srocc(y_sup, pred[sup_idx])  # noqa: E731
-                        on_test = lambda pred: srocc(sup.scores[test_idx], pred[test_idx])  # noqa: E731
-                        data = dict(pixels=sup.pixels[sup_idx], scores=y_sup, pairs=None,
-                                    task_preds=task_preds[:, sup_idx])
-                    else:  # K answered pairs; the other pairs are the test set, agreement in place of SROCC
-                        on_support = lambda pred: pair_agreement(sup.pairs[sup_idx], pred)  # noqa: E731
-                        on_test = lambda pred: pair_agreement(sup.pairs[test_idx], pred)  # noqa: E731
-                        data = dict(pixels=sup.pixels, scores=None, pairs=sup.pairs[sup_idx], task_preds=task_preds)
-                    zs = [on_support(p) for p in task_preds]
-                    trial_seed = int(rng.integers(2**31))  # one batch order for every method in this split
-                    for name, method in methods.items():
-                        r: dict[str, Any] = {}  # what a learned method reports beyond its predictions
-                        counted = bar.n
-                        if method == ZERO_SHOT:
-                            pred = task_preds.mean(axis=0)
-                        elif method == BEST_SINGLE:
-                            pred = task_preds[int(np.argmax(zs))]
-                        else:
-                            r = fit_recipe(merger, data["pixels"], data["scores"], replace(method, seed=trial_seed),
-                                           task_preds=data["task_preds"], pairs=data["pairs"],
-                                           on_step=lambda: bar.update(1))
-                            pred = merger.predict(r["alpha"], sup.pixels)
-                        run = {"user": sup.user, "shots": k, "trial": trial, "method": name, "srocc": on_test(pred)}
-                        if "steps_chosen" in r:
-                            run["steps_chosen"] = r["steps_chosen"]
-                        if "oof" in r:
-                            run["mae"] = rating_errors(r["oof"], data["scores"], pred[test_idx], sup.scores[test_idx])
-                        runs.append(run)
-                        # A chosen step count can end a fit early: the bar still moves by the plan.
-                        bar.update(max(0, _steps(method, k, sup.pairs is None) - (bar.n - counted)))
+                    counted = bar.n
+                    runs += split_runs(merger, sup, u_index, k, trial, methods, seed, task_preds, lambda: bar.update(1))
+                    # A chosen step count can end a fit early, a split can be skipped: the bar moves by the plan.
+                    bar.update(max(0, sum(_steps(m, k, sup.pairs is None) for m in methods.values()) - (bar.n - counted)))
         bar.close()
         if not runs:
             raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
@@ -137,6 +103,50 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                 "shots": list(shots), "trials": trials, "seed": seed,
                 "methods": {k: (v if isinstance(v, str) else v.to_json()) for k, v in methods.items()},
                 "summary": summarise(runs), "runs": runs}
+
+
+def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, methods: dict[str, LearnConfig | str],
+               seed: int, task_preds: np.ndarray, on_step: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
+    """One split of the protocol: user ``sup`` (the ``u_index``-th of its table), K support items drawn
+    for ``trial`` (seeded by those four numbers alone, so that any subset of splits can run anywhere and
+    give the same numbers), every method fitted on them and scored on the rest. Empty when the split
+    cannot be learned from (a single score among the support images)."""
+    n_items = len(sup.scores) if sup.pairs is None else len(sup.pairs)
+    rng = np.random.default_rng([seed, u_index, k, trial])
+    perm = rng.permutation(n_items)
+    sup_idx, test_idx = np.sort(perm[:k]), np.sort(perm[k:])
+    if sup.pairs is None:  # K rated images; the rest are the test set
+        y_sup = sup.scores[sup_idx]
+        if len(set(y_sup.tolist())) < 2:
+            note(f"user {sup.user!r} trial {trial}: {k} support images with a single score; skipped")
+            return []
+        on_support = lambda pred: srocc(y_sup, pred[sup_idx])  # noqa: E731
+        on_test = lambda pred: srocc(sup.scores[test_idx], pred[test_idx])  # noqa: E731
+        data = dict(pixels=sup.pixels[sup_idx], scores=y_sup, pairs=None, task_preds=task_preds[:, sup_idx])
+    else:  # K answered pairs; the other pairs are the test set, agreement in place of SROCC
+        on_support = lambda pred: pair_agreement(sup.pairs[sup_idx], pred)  # noqa: E731
+        on_test = lambda pred: pair_agreement(sup.pairs[test_idx], pred)  # noqa: E731
+        data = dict(pixels=sup.pixels, scores=None, pairs=sup.pairs[sup_idx], task_preds=task_preds)
+    zs = [on_support(p) for p in task_preds]
+    trial_seed = int(rng.integers(2**31))  # one batch order for every method in this split
+    runs = []
+    for name, method in methods.items():
+        r: dict[str, Any] = {}  # what a learned method reports beyond its predictions
+        if method == ZERO_SHOT:
+            pred = task_preds.mean(axis=0)
+        elif method == BEST_SINGLE:
+            pred = task_preds[int(np.argmax(zs))]
+        else:
+            r = fit_recipe(merger, data["pixels"], data["scores"], replace(method, seed=trial_seed),
+                           task_preds=data["task_preds"], pairs=data["pairs"], on_step=on_step)
+            pred = merger.predict(r["alpha"], sup.pixels)
+        run = {"user": sup.user, "shots": k, "trial": trial, "method": name, "srocc": on_test(pred)}
+        if "steps_chosen" in r:
+            run["steps_chosen"] = r["steps_chosen"]
+        if "oof" in r:
+            run["mae"] = rating_errors(r["oof"], data["scores"], pred[test_idx], sup.scores[test_idx])
+        runs.append(run)
+    return runs
 
 
 def _steps(method: LearnConfig | str, k: int, scored: bool) -> int:
@@ -168,8 +178,6 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
     each selection picks K from the pool without seeing any score (``random``, or ``active``:
     ``suggest.select_active`` on the task models' predictions), the same recipe is fitted on them, and
     SROCC is taken on the same test images."""
-    from .suggest import select_active
-
     dev = pick_device(device)
     recipe = recipe or LearnConfig(device=str(dev))
     unknown = set(selections) - {"random", "active"}
@@ -186,31 +194,39 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
                 raise LaionfilterError(f"{table}: selection is evaluated on scored images, not pairs")
             task_preds = merger.task_predictions(sup.pixels)
             for trial in range(trials):
-                rng = np.random.default_rng([seed, u_index, trial])
-                perm = rng.permutation(len(sup.scores))
-                pool, test = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:])
                 for k in shots:
-                    if k > len(pool):
-                        note(f"user {sup.user!r}: a pool of {len(pool)} images is too small for {k} shots; skipped")
-                        continue
-                    for sel in selections:
-                        if sel == "random":
-                            picked = np.sort(np.random.default_rng([seed, u_index, trial, k]).choice(pool, k, replace=False))
-                        else:
-                            picked = pool[select_active(task_preds[:, pool], k)]
-                        r = fit_recipe(merger, sup.pixels[picked], sup.scores[picked],
-                                       replace(recipe, seed=seed + trial, calibration="none"),
-                                       task_preds=task_preds[:, picked])
-                        pred = merger.predict(r["alpha"], sup.pixels[test])
-                        runs.append({"user": sup.user, "shots": k, "trial": trial, "method": sel,
-                                     "srocc": srocc(sup.scores[test], pred)})
-                        bar.update(1)
+                    runs += selection_runs(merger, sup, u_index, trial, k, selections, recipe, seed, task_preds)
+                    bar.update(len(selections))
         bar.close()
     if not runs:
         raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
     return {"table": str(table), "bank": {"path": str(bank.path), "fingerprint": bank.fingerprint},
             "shots": list(shots), "trials": trials, "seed": seed, "recipe": recipe.to_json(),
             "methods": {s: s for s in selections}, "summary": summarise(runs), "runs": runs}
+
+
+def selection_runs(merger: Merger, sup: Support, u_index: int, trial: int, k: int, selections: tuple[str, ...],
+                   recipe: LearnConfig, seed: int, task_preds: np.ndarray) -> list[dict[str, Any]]:
+    """One user, trial and K of ``evaluate_selection`` (seeded by those numbers alone, like ``split_runs``)."""
+    from .suggest import select_active
+
+    rng = np.random.default_rng([seed, u_index, trial])
+    perm = rng.permutation(len(sup.scores))
+    pool, test = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:])
+    if k > len(pool):
+        note(f"user {sup.user!r}: a pool of {len(pool)} images is too small for {k} shots; skipped")
+        return []
+    runs = []
+    for sel in selections:
+        if sel == "random":
+            picked = np.sort(np.random.default_rng([seed, u_index, trial, k]).choice(pool, k, replace=False))
+        else:
+            picked = pool[select_active(task_preds[:, pool], k)]
+        r = fit_recipe(merger, sup.pixels[picked], sup.scores[picked], replace(recipe, seed=seed + trial, calibration="none"),
+                       task_preds=task_preds[:, picked])
+        pred = merger.predict(r["alpha"], sup.pixels[test])
+        runs.append({"user": sup.user, "shots": k, "trial": trial, "method": sel, "srocc": srocc(sup.scores[test], pred)})
+    return runs
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,7 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from laionfilter.cli import cli
-from laionfilter.evaluate import BEST_SINGLE, ZERO_SHOT, default_methods, evaluate, markdown_table, summarise
+from laionfilter.evaluate import (BEST_SINGLE, ZERO_SHOT, default_methods, evaluate, markdown_table, split_runs,
+                                  summarise)
 from laionfilter.learn import LearnConfig
 from laionfilter.metrics import srocc
 
@@ -40,6 +41,11 @@ def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
     assert rows[ZERO_SHOT].startswith(f"{mean:.3f} ± ")  # the table shows the summary's numbers
     again = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False)
     assert again["runs"] == runs  # seeded: same splits, same numbers
+    # One split run alone, on a fresh merger, gives that split's runs of the whole evaluation: a
+    # benchmark may farm splits out to processes (benchmarks/at_scale.py).
+    alone = split_runs(Merger(small_bank, __import__("torch").device("cpu")), sups[1], 1, 5, 1, methods, 0,
+                       merger.task_predictions(sups[1].pixels))
+    assert alone == [r for r in runs if r["user"] == sups[1].user and r["trial"] == 1]
 
 
 def test_summary_is_mean_over_users_and_std_over_trials():

@@ -72,5 +72,18 @@ def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table
     again = evaluate_selection(users_table, small_bank, shots=(4,), trials=2, recipe=LearnConfig(steps=2, device="cpu"),
                                progress=False)
     assert again["runs"] == r["runs"]  # seeded: the same pools, picks and test images
+    # One user and trial alone gives the same runs (benchmarks/at_scale.py farms them out).
+    import torch
+
+    from laionfilter.evaluate import selection_runs
+    from laionfilter.learn import Merger
+    from laionfilter.model import eval_transform
+    from laionfilter.ratings import read_ratings
+
+    sup = read_ratings(users_table, eval_transform(small_bank.architecture)).supports[1]
+    merger = Merger(small_bank, torch.device("cpu"))
+    alone = selection_runs(merger, sup, 1, 1, 4, ("random", "active"), LearnConfig(steps=2, device="cpu"), 0,
+                           merger.task_predictions(sup.pixels))
+    assert alone == [x for x in r["runs"] if x["user"] == sup.user and x["trial"] == 1]
     with pytest.raises(Exception, match="unknown selection"):
         evaluate_selection(users_table, small_bank, selections=("best",))

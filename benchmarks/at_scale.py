@@ -1,0 +1,196 @@
+"""Issue 15's figures at scale: `evaluate`'s protocol split into units that worker processes share.
+
+A unit is one (user set, kind, K, trial, user): `evaluate.split_runs` (kind `recipe`: the zero-shot
+baselines, merged at init, the paper's recipe and the default recipe) or `evaluate.selection_runs`
+(kind `select`: random against active at K). Units are seeded by their own numbers, so a unit gives the
+same runs whichever worker takes it and whatever else runs. Workers take units from one queue in the
+plan's order, trial by trial, so that a run stopped by ``--deadline`` leaves whole trials rather than
+whole users; only trials that every user of a set finished are summarised.
+
+The default recipe runs without its calibration here: calibration changes no score, so no SROCC, and
+its out-of-fold fits would cost five fits more per unit (the rating MAE is measured by
+`benchmarks/personalize.py`).
+
+    python benchmarks/at_scale.py --users 12 --trials 3 --workers 2 --out /tmp/at-scale \\
+        --plan "recipe:10:seed0,seed1;recipe:10:against2;select:10:seed0,seed1;recipe:100:seed0,seed1,against2"
+
+writes ``<set>-<kind>.json`` (evaluate's result format, plus ``complete_trials``) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import queue
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from personalize import simulate_users  # noqa: E402 (the benchmark's simulated users, one definition)
+
+from laionfilter.evaluate import (BEST_SINGLE, ZERO_SHOT, default_methods, markdown_table,  # noqa: E402
+                                  selection_runs, split_runs, summarise)
+from laionfilter.learn import LearnConfig  # noqa: E402
+from laionfilter.safefiles import write_json  # noqa: E402
+
+KEEP = (ZERO_SHOT, BEST_SINGLE, "merged at init (adaptive, 0 steps)", "learned, adaptive init (the paper)")
+
+
+def recipe_methods(steps: int, device: str) -> dict[str, LearnConfig | str]:
+    base = LearnConfig(steps=steps, device=device, calibration="none")
+    methods = default_methods(base)
+    default = next(k for k in methods if k.startswith("learned, adaptive init, anchor"))
+    return {k: v for k, v in methods.items() if k in KEEP or k == default}
+
+
+def parse_plan(plan: str) -> list[tuple[str, int, list[str]]]:
+    phases = []
+    for part in filter(None, (p.strip() for p in plan.split(";"))):
+        m = re.fullmatch(r"(recipe|select):(\d+):([a-z0-9,]+)", part)
+        if not m:
+            raise SystemExit(f"--plan: {part!r} is not kind:K:set,set (kind recipe or select)")
+        phases.append((m[1], int(m[2]), m[3].split(",")))
+    return phases
+
+
+def set_seed(name: str) -> tuple[int, bool]:
+    m = re.fullmatch(r"(seed|against)(\d+)", name)
+    if not m:
+        raise SystemExit(f"user set {name!r}: use seedN or againstN")
+    return int(m[2]), m[1] == "against"
+
+
+def _simulate(job: tuple[Path, int, int, str]) -> str:
+    out, users, images, name = job
+    seed, against = set_seed(name)
+    done = out / f"data-{name}" / "ratings.csv"
+    if done.exists():  # written last, from the same seed: the set is whole
+        return str(done)
+    return str(simulate_users(out / f"data-{name}", users, images, seed, against))
+
+
+def worker(rank: int, device: str, units: Any, args: argparse.Namespace, tables: dict[str, str]) -> None:
+    from laionfilter.bank import resolve_bank
+    from laionfilter.learn import Merger, learning_threads
+    from laionfilter.model import eval_transform, pick_device
+    from laionfilter.ratings import read_ratings
+
+    bank = resolve_bank(args.bank)
+    dev = pick_device(device)
+    log = open(args.out / "parts" / f"w{rank:02d}.jsonl", "a")
+    with learning_threads(bank, 1):
+        merger = Merger(bank, dev)
+        supports: dict[str, list] = {}
+        preds: dict[tuple[str, int], np.ndarray] = {}
+        methods = recipe_methods(args.steps, str(dev))
+        while True:
+            try:
+                kind, name, k, trial, u = units.get_nowait()
+            except queue.Empty:
+                return
+            if name not in supports:
+                supports[name] = read_ratings(tables[name], eval_transform(bank.architecture)).supports
+            sup = supports[name][u]
+            if (name, u) not in preds:
+                preds[name, u] = merger.task_predictions(sup.pixels)
+            started = time.time()
+            if kind == "recipe":
+                runs = split_runs(merger, sup, u, k, trial, methods, args.seed, preds[name, u])
+            else:
+                runs = selection_runs(merger, sup, u, trial, k, ("random", "active"), LearnConfig(steps=args.steps,
+                                      device=str(dev)), args.seed, preds[name, u])
+            log.write(json.dumps({"set": name, "kind": kind, "shots": k, "trial": trial, "user_index": u,
+                                  "device": str(dev), "seconds": round(time.time() - started, 2), "runs": runs}) + "\n")
+            log.flush()
+
+
+def collect(args: argparse.Namespace, phases) -> dict[str, Any]:
+    units = [json.loads(line) for f in sorted((args.out / "parts").glob("w*.jsonl")) for line in f.read_text().splitlines()]
+    out = {}
+    for kind in ("recipe", "select"):
+        for name in dict.fromkeys(s for p in phases for s in p[2]):
+            mine = [u for u in units if u["set"] == name and u["kind"] == kind]
+            if not mine:
+                continue
+            runs, complete = [], {}
+            for k in sorted({u["shots"] for u in mine}):
+                by_trial = {}
+                for u in mine:
+                    if u["shots"] == k:
+                        by_trial.setdefault(u["trial"], []).append(u)
+                done = sorted(t for t, us in by_trial.items() if len({u["user_index"] for u in us}) == args.users)
+                complete[str(k)] = done
+                runs += [r for u in mine if u["shots"] == k and u["trial"] in done for r in u["runs"]]
+            methods = (list(recipe_methods(args.steps, "cpu")) if kind == "recipe" else ["random", "active"])
+            result = {"set": name, "kind": kind, "users": args.users, "shots": sorted({u["shots"] for u in mine}),
+                      "complete_trials": complete, "units_done": len(mine),
+                      "unit_seconds": {d: round(sum(u["seconds"] for u in mine if u["device"] == d), 1)
+                                       for d in sorted({u["device"] for u in mine})},
+                      "methods": {m: m for m in methods}, "summary": summarise(runs) if runs else [], "runs": runs}
+            write_json(args.out / f"{name}-{kind}.json", result)
+            out[f"{name}-{kind}"] = result
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", default="recipe:10:seed0,seed1", help="phases kind:K:set,set separated by ';', run in order")
+    ap.add_argument("--users", type=int, default=12)
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0, help="the split seed (the user sets have their own)")
+    ap.add_argument("--bank", default="starter")
+    ap.add_argument("--workers", type=int, default=max(1, mp.cpu_count() - 1), help="processes, one thread each")
+    ap.add_argument("--cuda-workers", type=int, default=0, help="how many of the workers learn on the GPU")
+    ap.add_argument("--deadline", type=float, default=None, help="stop the workers after this many seconds")
+    ap.add_argument("--simulate-only", action="store_true", help="write the user sets and stop")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    phases = parse_plan(args.plan)
+    started = time.time()
+    (args.out / "parts").mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    names = list(dict.fromkeys(s for p in phases for s in p[2]))
+    with ctx.Pool(min(len(names), args.workers)) as pool:
+        tables = dict(zip(names, pool.map(_simulate, [(args.out, args.users, args.images, n) for n in names])))
+    print(f"{len(names)} user sets simulated in {time.time() - started:.0f} s", flush=True)
+    if args.simulate_only:
+        return
+    done = {(u["kind"], u["set"], u["shots"], u["trial"], u["user_index"])
+            for f in (args.out / "parts").glob("w*.jsonl") for u in map(json.loads, f.read_text().splitlines())}
+    units = ctx.Queue()
+    todo = [(kind, name, k, trial, u) for kind, k, sets in phases for trial in range(args.trials)
+            for name in sets for u in range(args.users)]
+    todo = [t for t in todo if t not in done]  # a rerun into the same --out goes on where the last stopped
+    for t in todo:
+        units.put(t)
+    print(f"{len(todo)} units ({len(done)} done before) on {args.workers} workers", flush=True)
+    procs = [ctx.Process(target=worker, args=(r, "cuda" if r < args.cuda_workers else "cpu", units, args, tables))
+             for r in range(args.workers)]
+    for p in procs:
+        p.start()
+    end = started + args.deadline if args.deadline else None
+    for p in procs:
+        p.join(None if end is None else max(0.0, end - time.time()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join()
+    results = collect(args, phases)
+    for key, r in results.items():
+        print(f"\n## {key}: complete trials per K {r['complete_trials']} of {args.users} users; "
+              f"unit seconds by device {r['unit_seconds']}\n")
+        if r["summary"]:
+            print(markdown_table(r))
+    print(f"\n{time.time() - started:.0f} s in all; every number in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
