@@ -26,6 +26,7 @@ import queue
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,15 @@ from laionfilter.safefiles import write_json  # noqa: E402
 KEEP = (ZERO_SHOT, BEST_SINGLE, "merged at init (adaptive, 0 steps)", "learned, adaptive init (the paper)")
 
 
-def recipe_methods(steps: int, device: str) -> dict[str, LearnConfig | str]:
+def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, LearnConfig | str]:
+    """The baselines, the paper's recipe and the default recipe; with ``override`` (``field=value,...``),
+    the default recipe changed so, alone (the others' numbers do not depend on it: same splits)."""
     base = LearnConfig(steps=steps, device=device, calibration="none")
     methods = default_methods(base)
     default = next(k for k in methods if k.startswith("learned, adaptive init, anchor"))
+    if override:
+        fields = {k: type(getattr(base, k))(v) for k, v in (kv.split("=", 1) for kv in override.split(","))}
+        return {f"{default}, {override}": replace(methods[default], **fields)}
     return {k: v for k, v in methods.items() if k in KEEP or k == default}
 
 
@@ -83,12 +89,11 @@ def worker(rank: int, device: str, units: Any, args: argparse.Namespace, tables:
 
     bank = resolve_bank(args.bank)
     dev = pick_device(device)
-    log = open(args.out / "parts" / f"w{rank:02d}.jsonl", "a")
-    with learning_threads(bank, 1):
+    with learning_threads(bank, 1), open(args.out / "parts" / f"w{rank:02d}.jsonl", "a") as log:
         merger = Merger(bank, dev)
         supports: dict[str, list] = {}
         preds: dict[tuple[str, int], np.ndarray] = {}
-        methods = recipe_methods(args.steps, str(dev))
+        methods = recipe_methods(args.steps, str(dev), args.override)
         while True:
             try:
                 kind, name, k, trial, u = units.get_nowait()
@@ -127,7 +132,7 @@ def collect(args: argparse.Namespace, phases) -> dict[str, Any]:
                 done = sorted(t for t, us in by_trial.items() if len({u["user_index"] for u in us}) == args.users)
                 complete[str(k)] = done
                 runs += [r for u in mine if u["shots"] == k and u["trial"] in done for r in u["runs"]]
-            methods = (list(recipe_methods(args.steps, "cpu")) if kind == "recipe" else ["random", "active"])
+            methods = list(recipe_methods(args.steps, "cpu", args.override)) if kind == "recipe" else ["random", "active"]
             result = {"set": name, "kind": kind, "users": args.users, "shots": sorted({u["shots"] for u in mine}),
                       "complete_trials": complete, "units_done": len(mine),
                       "unit_seconds": {d: round(sum(u["seconds"] for u in mine if u["device"] == d), 1)
@@ -150,6 +155,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, mp.cpu_count() - 1), help="processes, one thread each")
     ap.add_argument("--cuda-workers", type=int, default=0, help="how many of the workers learn on the GPU")
     ap.add_argument("--deadline", type=float, default=None, help="stop the workers after this many seconds")
+    ap.add_argument("--override", default="", help="run only the default recipe, changed so: field=value,... "
+                    "(e.g. temperature=0.1); compare with a run without it into another --out")
     ap.add_argument("--simulate-only", action="store_true", help="write the user sets and stop")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
