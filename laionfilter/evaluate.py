@@ -12,8 +12,8 @@ method and K: the mean over users of the test SROCC, and its standard deviation 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
