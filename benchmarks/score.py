@@ -72,7 +72,7 @@ def profiles_for(bank, k: int, root: Path) -> list[Path]:
     return out
 
 
-def random_bank(root: Path, base: str = "ViT-B-16", device: str = "cpu"):
+def random_bank(root: Path, base: str = "ViT-B-16"):
     """A two-task bank of ``base`` from random weights (phase 1 with zero steps: τ = 0, shapes real)."""
     table = root / "db.csv"
     img_dir = root / "db"
@@ -84,7 +84,7 @@ def random_bank(root: Path, base: str = "ViT-B-16", device: str = "cpu"):
     table.write_text("\n".join(rows) + "\n")
     tasks = []
     for name in ("a", "b"):
-        cfg = FinetuneConfig(database=str(table), base=base, name=name, device=device, workers=0,
+        cfg = FinetuneConfig(database=str(table), base=base, name=name, device="cpu", workers=0,
                              head=StageConfig(0, 2, 1e-5, 1e-6), backbone=StageConfig(0, 2, 1e-6, 1e-7), checkpoint_every=0)
         finetune(cfg, root / f"{name}.safetensors", progress=False)
         tasks.append(root / f"{name}.safetensors")

@@ -364,9 +364,11 @@ def inspect(profile_path, as_json, plot):
                    f"{t['min_alpha']:.3f}..{t['max_alpha']:.3f}")
     click.echo(f"\n  support-set SROCC: {info['support_srocc_before']:.3f} before, {info['support_srocc_after']:.3f} after learning")
     if info.get("calibration"):
+        from .writer import rating_column
+
         cal = info["calibration"]
-        click.echo(f"  ratings: {cal['kind']} calibration onto {cal['low']:g}..{cal['high']:g} (column {profile.name}_rating "
-                   "when scored under this name)")
+        click.echo(f"  ratings: {cal['kind']} calibration onto {cal['low']:g}..{cal['high']:g} (column "
+                   f"{rating_column(profile.name)} when scored under this name)")
     if plot:
         click.echo(f"  coefficient plot: {plot}")
 

@@ -80,8 +80,8 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
         merger = Merger(bank, dev)
         runs: list[dict[str, Any]] = []
         size = lambda sup: len(sup.scores) if sup.pairs is None else len(sup.pairs)  # noqa: E731 (images or pairs)
-        total = sum(trials * sum(_steps(m, k, s.pairs is None) for m in methods.values())
-                    for s in supports for k in shots if size(s) - k >= min_test)
+        plan = lambda k, sup: sum(_steps(m, k, sup.pairs is None) for m in methods.values())  # noqa: E731 (one split)
+        total = sum(trials * plan(k, s) for s in supports for k in shots if size(s) - k >= min_test)
         bar = tqdm(total=total, desc="evaluate", unit="step", disable=not progress)
         for u_index, sup in enumerate(supports):
             task_preds = merger.task_predictions(sup.pixels)  # [n, N], shared by every split and method
@@ -95,7 +95,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                     counted = bar.n
                     runs += split_runs(merger, sup, u_index, k, trial, methods, seed, task_preds, lambda: bar.update(1))
                     # A chosen step count can end a fit early, a split can be skipped: the bar moves by the plan.
-                    bar.update(max(0, sum(_steps(m, k, sup.pairs is None) for m in methods.values()) - (bar.n - counted)))
+                    bar.update(max(0, plan(k, sup) - (bar.n - counted)))
         bar.close()
         if not runs:
             raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")

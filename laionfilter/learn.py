@@ -28,7 +28,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .bank import Bank
-from .calibrate import fit_calibration
+from .calibrate import KINDS, fit_calibration
 from .errors import LaionfilterError
 from .merge import merge_weights
 from .metrics import srocc
@@ -84,8 +84,8 @@ class LearnConfig:
             raise LaionfilterError("anchor must be ≥ 0")
         if not re.fullmatch(r"all|head|top-\d+", self.tune):
             raise LaionfilterError(f"tune must be all, head or top-N (N blocks), not {self.tune!r}")
-        if self.calibration not in ("linear", "isotonic", "none"):
-            raise LaionfilterError(f"calibration must be linear, isotonic or none, not {self.calibration!r}")
+        if self.calibration not in (*KINDS, "none"):
+            raise LaionfilterError(f"calibration must be {', '.join(KINDS)} or none, not {self.calibration!r}")
         if self.folds < 2:
             raise LaionfilterError("folds must be ≥ 2")
         object.__setattr__(self, "steps_from", tuple(sorted(set(int(s) for s in self.steps_from))))
@@ -274,7 +274,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     return {
         "alpha": alpha_full,
         "alpha_at": alpha_at,
-        "alpha_init": (alpha0[:, None].expand(n, L) if cfg.layer_agnostic else alpha0).float().cpu().contiguous(),
+        "alpha_init": _full(alpha0, cfg, n, L),
         "zero_shot_srocc": zs,
         "support_srocc_before": before,
         "support_srocc_after": after,
@@ -323,7 +323,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     """``fit``, plus what the recipe adds from the support set itself when it has ratings: out-of-fold
     predictions (``out_of_fold``) choose the step count among ``cfg.steps_from`` and fit the calibration
     (``calibration``, a ``Calibration``). Also returns ``oof`` (the chosen step's out-of-fold scores),
-    ``oof_srocc`` per candidate and ``steps_chosen``."""
+    ``oof_srocc`` per candidate, ``steps_chosen`` and ``folds`` (how many fits made them)."""
     if pairs is not None or not cfg.uses_folds:
         return fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc,
                    on_step=on_step, pairs=pairs)
@@ -340,7 +340,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     chosen = max(candidates, key=lambda s: (cv[s], -s))  # a tie goes to fewer steps
     r = fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc, on_step=on_step,
             checkpoints=(chosen,))
-    r.update(oof=oof[chosen], oof_srocc={str(s): v for s, v in cv.items()}, steps_chosen=chosen,
+    r.update(oof=oof[chosen], oof_srocc={str(s): v for s, v in cv.items()}, steps_chosen=chosen, folds=folds,
              seconds=round(time.time() - started, 2))  # the out-of-fold fits included
     if cfg.calibration != "none":
         r["calibration"] = fit_calibration(oof[chosen], scores, cfg.calibration)

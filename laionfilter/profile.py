@@ -124,7 +124,7 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
                 "learn_seconds": result["seconds"],
             }
             if "oof_srocc" in result:
-                meta["out_of_fold"] = {"folds": min(cfg.folds, len(sup.images)), "srocc": result["oof_srocc"],
+                meta["out_of_fold"] = {"folds": result["folds"], "srocc": result["oof_srocc"],
                                        "steps_chosen": result["steps_chosen"]}
             if "calibration" in result:
                 meta["calibration"] = result["calibration"].to_json()

@@ -11,8 +11,8 @@ import contextlib
 import hashlib
 import json
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
