@@ -1,15 +1,16 @@
 """Issue 15's figures at scale: `evaluate`'s protocol split into units that worker processes share.
 
 A unit is one (user set, kind, K, trial, user): `evaluate.split_runs` (kind `recipe`: the zero-shot
-baselines, merged at init, the paper's recipe and the default recipe) or `evaluate.selection_runs`
-(kind `select`: random against active at K). Units are seeded by their own numbers, so a unit gives the
+baselines, merged at init, the paper's recipe and the default recipe; kind `calibration`: the default
+recipe with its calibration, for the rating MAE) or `evaluate.selection_runs` (kind `select`: the
+``--selections`` at K, random against active by default). Units are seeded by their own numbers, so a unit gives the
 same runs whichever worker takes it and whatever else runs. Workers take units from one queue in the
 plan's order, trial by trial, so that a run stopped by ``--deadline`` leaves whole trials rather than
 whole users; only trials that every user of a set finished are summarised.
 
-The default recipe runs without its calibration here: calibration changes no score, so no SROCC, and
-its out-of-fold fits would cost five fits more per unit (the rating MAE is measured by
-`benchmarks/personalize.py`).
+Kind `recipe` runs the default recipe without its calibration: calibration changes no score, so no
+SROCC, and its out-of-fold fits cost five fits more per unit; kind `calibration` pays for them, and
+its SROCC equals the recipe kind's default (the same final fit).
 
     python benchmarks/at_scale.py --users 12 --trials 3 --workers 2 --out /tmp/at-scale \\
         --plan "recipe:10:seed0,seed1;recipe:10:against2;select:10:seed0,seed1;recipe:100:seed0,seed1,against2"
@@ -55,12 +56,20 @@ def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, Lea
     return {k: v for k, v in methods.items() if k in KEEP or k == default}
 
 
+def calibration_methods(steps: int, device: str) -> dict[str, LearnConfig | str]:
+    name, recipe = next((k, v) for k, v in recipe_methods(steps, device).items() if k.startswith("learned, adaptive init, anchor"))
+    return {f"{name}, calibrated": replace(recipe, calibration=LearnConfig().calibration)}
+
+
+KINDS = ("recipe", "calibration", "select")
+
+
 def parse_plan(plan: str) -> list[tuple[str, int, list[str]]]:
     phases = []
     for part in filter(None, (p.strip() for p in plan.split(";"))):
-        m = re.fullmatch(r"(recipe|select):(\d+):([a-z0-9,]+)", part)
+        m = re.fullmatch(rf"({'|'.join(KINDS)}):(\d+):([a-z0-9,]+)", part)
         if not m:
-            raise SystemExit(f"--plan: {part!r} is not kind:K:set,set (kind recipe or select)")
+            raise SystemExit(f"--plan: {part!r} is not kind:K:set,set (kind {', '.join(KINDS)})")
         phases.append((m[1], int(m[2]), m[3].split(",")))
     return phases
 
@@ -93,7 +102,8 @@ def worker(rank: int, device: str, units: Any, args: argparse.Namespace, tables:
         merger = Merger(bank, dev)
         supports: dict[str, list] = {}
         preds: dict[tuple[str, int], np.ndarray] = {}
-        methods = recipe_methods(args.steps, str(dev), args.override)
+        methods = {"recipe": recipe_methods(args.steps, str(dev), args.override),
+                   "calibration": calibration_methods(args.steps, str(dev))}
         while True:
             try:
                 kind, name, k, trial, u = units.get_nowait()
@@ -105,11 +115,11 @@ def worker(rank: int, device: str, units: Any, args: argparse.Namespace, tables:
             if (name, u) not in preds:
                 preds[name, u] = merger.task_predictions(sup.pixels)
             started = time.time()
-            if kind == "recipe":
-                runs = split_runs(merger, sup, u, k, trial, methods, args.seed, preds[name, u])
+            if kind in methods:
+                runs = split_runs(merger, sup, u, k, trial, methods[kind], args.seed, preds[name, u])
             else:
-                runs = selection_runs(merger, sup, u, trial, k, ("random", "active"), LearnConfig(steps=args.steps,
-                                      device=str(dev)), args.seed, preds[name, u])
+                runs = selection_runs(merger, sup, u, trial, k, tuple(args.selections.split(",")),
+                                      LearnConfig(steps=args.steps, device=str(dev)), args.seed, preds[name, u])
             log.write(json.dumps({"set": name, "kind": kind, "shots": k, "trial": trial, "user_index": u,
                                   "device": str(dev), "seconds": round(time.time() - started, 2), "runs": runs}) + "\n")
             log.flush()
@@ -118,7 +128,7 @@ def worker(rank: int, device: str, units: Any, args: argparse.Namespace, tables:
 def collect(args: argparse.Namespace, phases) -> dict[str, Any]:
     units = [json.loads(line) for f in sorted((args.out / "parts").glob("w*.jsonl")) for line in f.read_text().splitlines()]
     out = {}
-    for kind in ("recipe", "select"):
+    for kind in KINDS:
         for name in dict.fromkeys(s for p in phases for s in p[2]):
             mine = [u for u in units if u["set"] == name and u["kind"] == kind]
             if not mine:
@@ -132,7 +142,9 @@ def collect(args: argparse.Namespace, phases) -> dict[str, Any]:
                 done = sorted(t for t, us in by_trial.items() if len({u["user_index"] for u in us}) == args.users)
                 complete[str(k)] = done
                 runs += [r for u in mine if u["shots"] == k and u["trial"] in done for r in u["runs"]]
-            methods = list(recipe_methods(args.steps, "cpu", args.override)) if kind == "recipe" else ["random", "active"]
+            methods = {"recipe": list(recipe_methods(args.steps, "cpu", args.override)),
+                       "calibration": list(calibration_methods(args.steps, "cpu")),
+                       "select": args.selections.split(",")}[kind]
             result = {"set": name, "kind": kind, "users": args.users, "shots": sorted({u["shots"] for u in mine}),
                       "complete_trials": complete, "units_done": len(mine),
                       "unit_seconds": {d: round(sum(u["seconds"] for u in mine if u["device"] == d), 1)
@@ -157,6 +169,8 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=None, help="stop the workers after this many seconds")
     ap.add_argument("--override", default="", help="run only the default recipe, changed so: field=value,... "
                     "(e.g. temperature=0.1); compare with a run without it into another --out")
+    ap.add_argument("--selections", default="random,active", help="kind select: the selections compared "
+                    "(evaluate.SELECTIONS; each unit's numbers do not depend on the others chosen)")
     ap.add_argument("--simulate-only", action="store_true", help="write the user sets and stop")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -208,12 +208,18 @@ def bank_info_cmd(bank_path, as_json, plot):
 @cli.command()
 @click.argument("source")
 @bank_option()
-@click.option("--ratings", type=click.Path(exists=True, dir_okay=False), help="Ratings given so far (not suggested again).")
+@click.option("--ratings", type=click.Path(exists=True, dir_okay=False),
+              help="One user's ratings so far (not suggested again).")
+@click.option("--by", type=click.Choice(["tasks", "fit"]), default="tasks",
+              help="tasks: where the task models disagree; fit: where fits of --ratings (4 scores or more) disagree "
+                   "(5 fits more, and no better at 10 shots: see the README).")
 @click.option("--n", "count", type=int, default=10, help="How many images to suggest.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write them as a CSV (image, empty score) to fill in.")
+@click.option("--steps", type=int, default=500, help="--by fit: learning steps of each fit (learn's default).")
 @device_option()
-def suggest(source, bank_path, ratings, count, out, device):
-    """Suggest the images of SOURCE whose ratings would tell the most (where the task models disagree).
+def suggest(source, bank_path, ratings, by, count, out, steps, device):
+    """Suggest the images of SOURCE whose ratings would tell the most (where the task models, or with
+    --by fit the fits of the ratings so far, disagree).
 
     \b
     Example:
@@ -222,11 +228,13 @@ def suggest(source, bank_path, ratings, count, out, device):
     from pathlib import Path
 
     from .bank import resolve_bank
+    from .learn import LearnConfig
     from .rate import collect_images
     from .suggest import suggest as run
 
     items = collect_images(source, out=Path(out) if out else None)
-    for label in run(items, resolve_bank(bank_path), count, ratings=ratings, out=out, device=device):
+    recipe = LearnConfig(steps=steps, device=device)
+    for label in run(items, resolve_bank(bank_path), count, ratings=ratings, out=out, recipe=recipe, by=by):
         click.echo(label)
     if out:
         click.echo(f"{out}: {count} images to rate", err=True)
@@ -298,7 +306,7 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--anchor", type=float,
               help="Beyond the paper: a penalty (anchor / support size) keeping the coefficients near their start "
                    "[default: 10]; 0 is the paper's recipe.")
-@click.option("--calibration", type=click.Choice(["isotonic", "linear", "none"]), default="isotonic", show_default=True,
+@click.option("--calibration", type=click.Choice(["linear", "isotonic", "none"]), default="linear", show_default=True,
               help="Map from score to the user's own rating scale (score writes it as <profile>_rating), fitted on "
                    "out-of-fold predictions: costs --folds extra fits.")
 @click.option("--folds", type=int, default=5, show_default=True, help="Folds of the out-of-fold predictions.")
@@ -381,8 +389,8 @@ def inspect(profile_path, as_json, plot):
 @click.option("--steps", type=int, default=500, help="Learning steps of the learned methods.")
 @click.option("--tune", "tunes", help="Compare the default recipe learned with these --tune values (e.g. all,top-2,head) "
                                       "instead of the paper's ablations.")
-@click.option("--select", "selections", help="Compare ways of choosing the K images to rate (random,active), with the "
-                                             "default recipe, instead of the paper's ablations.")
+@click.option("--select", "selections", help="Compare ways of choosing the K images to rate (random,active,active+fit), "
+                                             "with the default recipe, instead of the paper's ablations.")
 @click.option("--steps-from", help="Also the default recipe choosing its step count among these (e.g. 0,100,250,500) "
                                    "by out-of-fold SROCC, as learn --steps-from.")
 @seed_option()

@@ -22,15 +22,13 @@ TASTE = {"exposure": 0.4, "warmth": 0.3, "sharpness": 0.3}  # alice's hidden tas
 
 
 def _degraded_crop(photo, rng, size: int):
-    from PIL import Image
-
-    from .train.starter import degrade, random_crop
+    from .train.starter import degraded, random_crop
 
     img = random_crop(photo, size, rng)
     levels = {}
     for c in ("sharpness", "noise", "exposure", "colourfulness", "contrast", "warmth"):
         u = float(rng.uniform()) if rng.random() < 0.5 else 0.0
-        img = Image.open(io.BytesIO(degrade(img, c, u, rng)[0])).convert("RGB")
+        img = degraded(img, c, u, rng)
         levels[c] = u
     return img, levels
 

@@ -30,6 +30,7 @@ from .model import eval_transform, pick_device
 from .ratings import Support, read_ratings
 
 ZERO_SHOT = "zero-shot ensemble"
+SELECTIONS = ("random", "active", "active+fit")
 BEST_SINGLE = "best single task"
 
 
@@ -175,14 +176,15 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
                        seed: int = 0, device: str = "auto", progress: bool = True, threads: int | None = None
                        ) -> dict[str, Any]:
     """Which images to rate: per user and trial, the images are split once into a pool and a test half;
-    each selection picks K from the pool without seeing any score (``random``, or ``active``:
-    ``suggest.select_active`` on the task models' predictions), the same recipe is fitted on them, and
-    SROCC is taken on the same test images."""
+    each selection picks K from the pool (``random``; ``active``: ``suggest.select_active`` on the task
+    models' predictions, seeing no score; ``active+fit``: half of K so, then the rest where fits of
+    those first ratings disagree, ``suggest.fit_predictions``, as a user rating in two rounds would),
+    the same recipe is fitted on them, and SROCC is taken on the same test images."""
     dev = pick_device(device)
     recipe = recipe or LearnConfig(device=str(dev))
-    unknown = set(selections) - {"random", "active"}
+    unknown = set(selections) - set(SELECTIONS)
     if unknown:
-        raise LaionfilterError(f"--select: unknown selection(s) {', '.join(sorted(unknown))}; use random, active")
+        raise LaionfilterError(f"--select: unknown selection(s) {', '.join(sorted(unknown))}; use {', '.join(SELECTIONS)}")
     with learning_threads(bank, threads):
         supports = read_ratings(table, eval_transform(bank.architecture)).supports
         merger = Merger(bank, dev)
@@ -208,7 +210,7 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
 def selection_runs(merger: Merger, sup: Support, u_index: int, trial: int, k: int, selections: tuple[str, ...],
                    recipe: LearnConfig, seed: int, task_preds: np.ndarray) -> list[dict[str, Any]]:
     """One user, trial and K of ``evaluate_selection`` (seeded by those numbers alone, like ``split_runs``)."""
-    from .suggest import select_active
+    from .suggest import can_fit, fit_predictions, select_active
 
     rng = np.random.default_rng([seed, u_index, trial])
     perm = rng.permutation(len(sup.scores))
@@ -217,13 +219,19 @@ def selection_runs(merger: Merger, sup: Support, u_index: int, trial: int, k: in
         note(f"user {sup.user!r}: a pool of {len(pool)} images is too small for {k} shots; skipped")
         return []
     runs = []
+    cfg = replace(recipe, seed=seed + trial, calibration="none")
     for sel in selections:
         if sel == "random":
             picked = np.sort(np.random.default_rng([seed, u_index, trial, k]).choice(pool, k, replace=False))
-        else:
+        elif sel == "active":
             picked = pool[select_active(task_preds[:, pool], k)]
-        r = fit_recipe(merger, sup.pixels[picked], sup.scores[picked], replace(recipe, seed=seed + trial, calibration="none"),
-                       task_preds=task_preds[:, picked])
+        else:  # active+fit: two rounds, the second chosen by the first's fit
+            first = select_active(task_preds[:, pool], k // 2)
+            y = sup.scores[pool[first]]
+            preds = (fit_predictions(merger, sup.pixels[pool[first]], y, cfg, sup.pixels[pool]) if can_fit(y)
+                     else task_preds[:, pool])
+            picked = np.sort(pool[first + select_active(preds, k - len(first), rated=first)])
+        r = fit_recipe(merger, sup.pixels[picked], sup.scores[picked], cfg, task_preds=task_preds[:, picked])
         pred = merger.predict(r["alpha"], sup.pixels[test])
         runs.append({"user": sup.user, "shots": k, "trial": trial, "method": sel, "srocc": srocc(sup.scores[test], pred)})
     return runs

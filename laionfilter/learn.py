@@ -63,7 +63,7 @@ class LearnConfig:
     # Beyond the paper: the map from score to the user's rating scale ("linear", "isotonic" or "none"),
     # fitted on out-of-fold predictions of ``folds`` fits (see calibrate.py); pairwise answers have no
     # scale and get none.
-    calibration: str = "isotonic"
+    calibration: str = "linear"
     folds: int = 5
     # Beyond the paper: candidate step counts; the out-of-fold SROCC over the support set picks one, and
     # the final fit stops there (on the schedule of ``steps``). Empty: train ``steps``.
@@ -292,26 +292,33 @@ def _full(alpha: torch.Tensor, cfg: LearnConfig, n: int, L: int) -> torch.Tensor
     return alpha.detach().float().cpu().clone().contiguous()
 
 
-def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
-                task_preds: np.ndarray | None = None, steps: tuple[int, ...] | None = None,
-                on_step: Callable[[], Any] | None = None) -> dict[int, np.ndarray]:
-    """Each support image's score by a fit on the other folds (``cfg.folds``, at most one per image),
-    at each step count in ``steps`` (default: ``cfg.steps``); {steps: [N] predictions}.
-
-    The folds are drawn from ``cfg.seed``; each fold's fit is the recipe ``cfg`` itself, its adaptive
-    start taken from the images it trains on.
-    """
+def fold_fits(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
+              task_preds: np.ndarray | None = None, steps: tuple[int, ...] | None = None,
+              on_step: Callable[[], Any] | None = None) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """The recipe ``cfg`` fitted once per fold (``cfg.folds``, at most one per image) on the other
+    folds, each with its adaptive start taken from the images it trains on: (held-out indices, the
+    fit, with ``alpha_at`` at each of ``steps``, default ``cfg.steps``). The folds are drawn from
+    ``cfg.seed``."""
     steps = tuple(steps) if steps else (cfg.steps,)
     n_img = len(scores)
     if task_preds is None:
         task_preds = merger.task_predictions(pixels)
     k = min(cfg.folds, n_img)
     fold = np.random.default_rng([cfg.seed, n_img]).permutation(n_img) % k
-    oof = {s: np.zeros(n_img) for s in steps}
     for f in range(k):
         train, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        r = fit(merger, pixels[train], scores[train], cfg, task_preds=task_preds[:, train], checkpoints=steps,
-                on_step=on_step)
+        yield held, fit(merger, pixels[train], scores[train], cfg, task_preds=task_preds[:, train], checkpoints=steps,
+                        on_step=on_step)
+
+
+def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
+                task_preds: np.ndarray | None = None, steps: tuple[int, ...] | None = None,
+                on_step: Callable[[], Any] | None = None) -> dict[int, np.ndarray]:
+    """Each support image's score by a fit on the other folds (``fold_fits``), at each step count in
+    ``steps`` (default: ``cfg.steps``); {steps: [N] predictions}."""
+    steps = tuple(steps) if steps else (cfg.steps,)
+    oof = {s: np.zeros(len(scores)) for s in steps}
+    for held, r in fold_fits(merger, pixels, scores, cfg, task_preds, steps, on_step):
         for s in steps:
             oof[s][held] = merger.predict(r["alpha_at"][s], pixels[held])
     return oof

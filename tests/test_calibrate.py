@@ -146,7 +146,7 @@ def test_rating_errors_against_hand_computed_baselines():
 
 def test_score_writes_the_rating_beside_the_score_and_select_keeps_min_rating(profiles, shards, small_bank, tmp_path):
     alice = load_profile(profiles[0])
-    assert alice.calibration.kind == "isotonic"  # learned with the default recipe
+    assert alice.calibration.kind == "linear"  # learned with the default recipe
     out = tmp_path / "scores"
     score_shards(str(shards), [f"alice={profiles[0]}"], out, bank=small_bank,
                  cfg=ScoreConfig(workers=0, device="cpu"), progress=False)

@@ -100,7 +100,8 @@ def test_kill_9_and_resume_scores_every_sample_once(faulty, profiles, small_bank
     proc.wait()
     done_before = len(list(out.glob("*_stats.json")))
     assert done_before < 6, "the run finished before it could be killed"
-    subprocess.run(cmd, capture_output=True)  # exit 1: the truncated tar
+    r = run(*cmd[3:])  # the same command resumed, in this process
+    assert r.exit_code == 1 and "00002.tar" in r.output  # the truncated tar
     rows = pq.read_table(sorted(out.glob("*.parquet"))).to_pylist()
     keys = [x["key"] for x in rows]
     assert len(keys) == len(set(keys))

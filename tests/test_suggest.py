@@ -61,15 +61,20 @@ def test_rate_active_order_starts_with_the_suggested_images(photos, tmp_path):
     assert session.next_item()["item"] == order[0]
 
 
-def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table, small_bank):
-    from laionfilter.evaluate import evaluate_selection
+def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table, small_bank, monkeypatch):
+    import laionfilter.suggest
+    from laionfilter.evaluate import SELECTIONS, evaluate_selection
     from laionfilter.learn import LearnConfig
 
-    r = evaluate_selection(users_table, small_bank, shots=(4,), trials=2, recipe=LearnConfig(steps=2, device="cpu"),
+    real, fitted = laionfilter.suggest.fit_predictions, []
+    monkeypatch.setattr(laionfilter.suggest, "fit_predictions", lambda *a: fitted.append(1) or real(*a))
+    recipe = LearnConfig(steps=2, device="cpu")
+    r = evaluate_selection(users_table, small_bank, shots=(8,), trials=1, recipe=recipe, selections=SELECTIONS,
                            progress=False)
     methods = {x["method"] for x in r["runs"]}
-    assert methods == {"random", "active"} and len(r["runs"]) == 2 * 2 * 2  # 2 users × 2 trials × 2 selections
-    again = evaluate_selection(users_table, small_bank, shots=(4,), trials=2, recipe=LearnConfig(steps=2, device="cpu"),
+    assert methods == set(SELECTIONS) and len(r["runs"]) == 2 * 3  # 2 users × 3 selections
+    assert len(fitted) == 2  # active+fit's second round, chosen by a fit of its first 4 ratings
+    again = evaluate_selection(users_table, small_bank, shots=(8,), trials=1, recipe=recipe, selections=SELECTIONS,
                                progress=False)
     assert again["runs"] == r["runs"]  # seeded: the same pools, picks and test images
     # One user and trial alone gives the same runs (benchmarks/at_scale.py farms them out).
@@ -82,8 +87,54 @@ def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table
 
     sup = read_ratings(users_table, eval_transform(small_bank.architecture)).supports[1]
     merger = Merger(small_bank, torch.device("cpu"))
-    alone = selection_runs(merger, sup, 1, 1, 4, ("random", "active"), LearnConfig(steps=2, device="cpu"), 0,
-                           merger.task_predictions(sup.pixels))
-    assert alone == [x for x in r["runs"] if x["user"] == sup.user and x["trial"] == 1]
+    alone = selection_runs(merger, sup, 1, 0, 8, SELECTIONS, recipe, 0, merger.task_predictions(sup.pixels))
+    assert alone == [x for x in r["runs"] if x["user"] == sup.user]
     with pytest.raises(Exception, match="unknown selection"):
         evaluate_selection(users_table, small_bank, selections=("best",))
+
+
+def test_the_fits_that_choose_are_the_out_of_fold_fits(users_table, small_bank):
+    import torch
+
+    from laionfilter.learn import LearnConfig, Merger, fold_fits, out_of_fold
+    from laionfilter.model import eval_transform
+    from laionfilter.ratings import read_ratings
+    from laionfilter.suggest import fit_predictions
+
+    sup = read_ratings(users_table, eval_transform(small_bank.architecture)).supports[0]
+    merger = Merger(small_bank, torch.device("cpu"))
+    cfg = LearnConfig(steps=3, device="cpu", folds=3)
+    x, y = sup.pixels[:9], sup.scores[:9]
+    preds = fit_predictions(merger, x, y, cfg, sup.pixels)
+    assert preds.shape == (3, len(sup.scores))
+    oof = out_of_fold(merger, x, y, cfg)[3]
+    for f, (held, _) in enumerate(fold_fits(merger, x, y, cfg)):  # each fit, on the images it left out
+        np.testing.assert_allclose(preds[f, held], oof[held], rtol=1e-5)
+    assert not np.allclose(preds[0], preds[1])  # fits that left out different ratings differ
+
+
+def test_suggest_by_fit_needs_four_ratings_and_names_bad_rows(photos, tmp_path):
+    out = tmp_path / "next.csv"
+    r = CliRunner().invoke(cli, ["suggest", str(photos), "--n", "5", "--out", str(out)])
+    first = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    so_far = tmp_path / "so-far.csv"  # four rated, the fifth left blank: picked, but not a rating yet
+    so_far.write_text("image,score\n" + "".join(f"{f},{s}\n" for f, s in zip(first, [1, 4, 2, 5, ""])))
+    r = CliRunner().invoke(cli, ["suggest", str(photos), "--n", "4", "--ratings", str(so_far), "--out", str(out),
+                                 "--steps", "5", "--by", "fit"])
+    assert r.exit_code == 0, r.output
+    assert "4 ratings; choosing where 4 fits of them disagree" in r.output
+    again = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    assert len(again) == 4 and not set(again) & set(first)
+    so_far.write_text("image,score\n" + "".join(f"{f},{s}\n" for f, s in zip(first, [1, 4, 2, 2, ""])))
+    r = CliRunner().invoke(cli, ["suggest", str(photos), "--ratings", str(so_far), "--by", "fit", "--steps", "5",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output  # four scores, three different: enough
+    so_far.write_text("image,score\n" + "".join(f"{f},{s}\n" for f, s in zip(first, [1, 4, 2, "", ""])))
+    r = CliRunner().invoke(cli, ["suggest", str(photos), "--ratings", str(so_far), "--by", "fit", "--out", str(out)])
+    assert r.exit_code != 0 and "at least 4 scores" in r.output and "has 3" in r.output
+    so_far.write_text("image,score\n" + "".join(f"{f},{s}\n" for f, s in zip(first, [1, 4, "good", 5, ""])))
+    r = CliRunner().invoke(cli, ["suggest", str(photos), "--ratings", str(so_far)])
+    assert r.exit_code != 0 and "row 4: score 'good' is not a number" in r.output
+    so_far.write_text("user,image,score\n" + "".join(f"{u},{f},3\n" for u, f in zip("abab", first)))
+    r = CliRunner().invoke(cli, ["suggest", str(photos), "--ratings", str(so_far)])
+    assert r.exit_code != 0 and "several users" in r.output

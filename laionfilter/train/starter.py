@@ -175,16 +175,20 @@ def usable_crop(photo: np.ndarray, crit: Criterion, size: int, rng: np.random.Ge
     return None
 
 
+def degraded(img: Image.Image, criterion: str, u: float, rng: np.random.Generator) -> Image.Image:
+    """The image degraded along a criterion other than jpeg (whose degradation is its encoding)."""
+    return {"sharpness": lambda: _blur(img, u), "noise": lambda: _noise(img, u, rng),
+            "exposure": lambda: _exposure(img, u), "colourfulness": lambda: _colour(img, u),
+            "contrast": lambda: _contrast(img, u), "warmth": lambda: _warmth(img, u)}[criterion]()
+
+
 def degrade(img: Image.Image, criterion: str, u: float, rng: np.random.Generator) -> tuple[bytes, str]:
     """The degraded image encoded as a file: lossless PNG, except JPEG for the jpeg criterion."""
     buf = io.BytesIO()
     if criterion == "jpeg":
         img.save(buf, format="JPEG", quality=_jpeg_quality(u))
         return buf.getvalue(), "jpg"
-    out = {"sharpness": lambda: _blur(img, u), "noise": lambda: _noise(img, u, rng),
-           "exposure": lambda: _exposure(img, u), "colourfulness": lambda: _colour(img, u),
-           "contrast": lambda: _contrast(img, u), "warmth": lambda: _warmth(img, u)}[criterion]()
-    out.save(buf, format="PNG")
+    degraded(img, criterion, u, rng).save(buf, format="PNG")
     return buf.getvalue(), "png"
 
 
