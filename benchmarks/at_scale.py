@@ -14,6 +14,8 @@ its SROCC equals the recipe kind's default (the same final fit).
 
     python benchmarks/at_scale.py --users 12 --trials 3 --workers 2 --out /tmp/at-scale \\
         --plan "recipe:10:seed0,seed1;recipe:10:against2;select:10:seed0,seed1;recipe:100:seed0,seed1,against2"
+    python benchmarks/at_scale.py ... --plan "calibration:10:seed0,seed1;select:10:seed0,seed1" --selections active+fit
+    python benchmarks/at_scale.py ... --plan "recipe:10:seed0" --override "temperature=0.1;steps=0"
 
 writes ``<set>-<kind>.json`` (evaluate's result format, plus ``complete_trials``) and prints the tables.
 """
@@ -44,14 +46,19 @@ from laionfilter.safefiles import write_json  # noqa: E402
 KEEP = (ZERO_SHOT, BEST_SINGLE, "merged at init (adaptive, 0 steps)", "learned, adaptive init (the paper)")
 
 
+def _parse(default: Any, value: str) -> Any:
+    """A field's value from text, typed like the field's default (a tuple as numbers joined by '/')."""
+    return tuple(int(v) for v in value.split("/")) if isinstance(default, tuple) else type(default)(value)
+
+
 def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, LearnConfig | str]:
-    """The baselines, the paper's recipe and the default recipe; with ``override`` (``field=value,...``),
+    """The baselines, the paper's recipe and the default recipe; with ``override`` (``field=value;...``),
     the default recipe changed so, alone (the others' numbers do not depend on it: same splits)."""
     base = LearnConfig(steps=steps, device=device, calibration="none")
     methods = default_methods(base)
     default = next(k for k in methods if k.startswith("learned, adaptive init, anchor"))
     if override:
-        fields = {k: type(getattr(base, k))(v) for k, v in (kv.split("=", 1) for kv in override.split(","))}
+        fields = {k: _parse(getattr(base, k), v) for k, v in (kv.split("=", 1) for kv in override.split(";"))}
         return {f"{default}, {override}": replace(methods[default], **fields)}
     return {k: v for k, v in methods.items() if k in KEEP or k == default}
 
@@ -167,8 +174,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, mp.cpu_count() - 1), help="processes, one thread each")
     ap.add_argument("--cuda-workers", type=int, default=0, help="how many of the workers learn on the GPU")
     ap.add_argument("--deadline", type=float, default=None, help="stop the workers after this many seconds")
-    ap.add_argument("--override", default="", help="run only the default recipe, changed so: field=value,... "
-                    "(e.g. temperature=0.1); compare with a run without it into another --out")
+    ap.add_argument("--override", default="", help="run only the default recipe, changed so: field=value;... "
+                    "(e.g. 'temperature=0.1;steps_from=0/500'); compare with a run without it into another --out")
     ap.add_argument("--selections", default="random,active", help="kind select: the selections compared "
                     "(evaluate.SELECTIONS; each unit's numbers do not depend on the others chosen)")
     ap.add_argument("--simulate-only", action="store_true", help="write the user sets and stop")

@@ -103,3 +103,29 @@ def users_table(tmp_path, ratings_csv) -> Path:
         rows.append(f"bob,{img},{11 - int(score)}")  # the opposite taste
     (tmp_path / "users.csv").write_text("\n".join(rows) + "\n")
     return tmp_path / "users.csv"
+
+
+@pytest.fixture(scope="session")
+def fetched(tmp_path_factory):
+    """Six local JPEGs fetched by ``laionfilter fetch`` (img2dataset on file:// urls): the subset's rows,
+    the output folder and the command's result. One download shared by the tests that read it, since
+    img2dataset's spawned worker takes seconds to import."""
+    pytest.importorskip("img2dataset")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from laionfilter.cli import cli
+
+    from .helpers import crops, jpeg
+
+    root = tmp_path_factory.mktemp("fetched")
+    rows = []
+    for i, img in enumerate(crops(6, seed=30)):
+        p = root / f"{i}.jpg"
+        p.write_bytes(jpeg(img))
+        rows.append({"url": f"file://{p}", "caption": f"cap {i}", "key": str(i), "shard": "x", "score": 1.0})
+    pq.write_table(pa.Table.from_pylist(rows), root / "subset.parquet")
+    r = CliRunner().invoke(cli, ["fetch", str(root / "subset.parquet"), "--out", str(root / "dl"), "--image-size", "96",
+                                 "--threads", "2"])
+    return rows, root / "dl", r

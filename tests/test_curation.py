@@ -129,22 +129,12 @@ def test_reshard_copies_the_same_bytes(scored, tmp_path):
     assert r.exit_code == 1 and "1 not found" in r.output
 
 
-def test_fetch_with_img2dataset_on_local_files(scored, tmp_path):
-    pytest.importorskip("img2dataset")
-    from .helpers import crops, jpeg
-
-    rows = []
-    for i, img in enumerate(crops(3, seed=30)):
-        p = tmp_path / f"{i}.jpg"
-        p.write_bytes(jpeg(img))
-        rows.append({"url": f"file://{p}", "caption": f"cap {i}", "key": str(i), "shard": "x", "score": 1.0})
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "subset.parquet")
-    r = run("fetch", tmp_path / "subset.parquet", "--out", tmp_path / "dl", "--image-size", "64", "--threads", "2")
+def test_fetch_with_img2dataset_on_local_files(fetched):
+    _, out, r = fetched
     assert r.exit_code == 0, r.output
-    assert "3 of 3 images downloaded, 0 failed" in r.output
-    got = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "dl").glob("*.tar")), shardshuffle=False,
-                              empty_check=False))
-    assert sorted(x["txt"].decode() for x in got) == ["cap 0", "cap 1", "cap 2"]
+    assert "6 of 6 images downloaded, 0 failed" in r.output
+    got = list(wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False, empty_check=False))
+    assert sorted(x["txt"].decode() for x in got) == [f"cap {i}" for i in range(6)]
 
 
 def test_guidance_pairs_respect_margin_and_groups(scored, tmp_path):
