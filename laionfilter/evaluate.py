@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .bank import Bank
 from .errors import LaionfilterError
 from .calibrate import KINDS, fit_calibration
-from .learn import LearnConfig, Merger, fit_recipe, learning_threads, pair_agreement
+from .learn import ANCHOR_POWER, LearnConfig, Merger, fit_recipe, learning_threads, pair_agreement
 from .log import note
 from .metrics import srocc
 from .model import eval_transform, pick_device
@@ -66,7 +66,7 @@ def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
         "learned, best-fit init": replace(paper, init="best-fit"),
         "layer-agnostic (adaptive)": replace(paper, layer_agnostic=True),
         "MSE loss (adaptive)": replace(paper, loss="mse"),
-        f"learned, adaptive init, anchor {base.anchor:g}/N": replace(base, init="adaptive"),
+        f"learned, adaptive init, anchor ({base.anchor:g}/N)^{ANCHOR_POWER:g}": replace(base, init="adaptive"),
     }
 
 

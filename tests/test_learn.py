@@ -205,12 +205,13 @@ def test_recorded_start_is_the_initialisation_and_the_anchor_holds_alpha_near_it
     assert moved(held) < 0.5 * moved(free)
 
 
-def test_anchor_penalty_is_anchor_over_support_size_times_the_summed_layer_mean():
+def test_anchor_penalty_is_anchor_over_support_size_to_the_1_5_times_the_summed_layer_mean():
     start = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
     alpha = torch.tensor([[0.5, 1.5, 0.5], [0.5, 0.5, -0.5]])  # one layer of each task moved by 1
-    # Σ_i mean_l: task 0 → 1/3, task 1 → 1/3; times anchor / N = 10 / 20.
-    assert anchor_penalty(alpha, start, 10.0, 20).item() == pytest.approx(0.5 * 2 / 3)
-    assert anchor_penalty(alpha, start, 10.0, 200).item() == pytest.approx(0.05 * 2 / 3)
+    # Σ_i mean_l: task 0 → 1/3, task 1 → 1/3; times (anchor / N)^1.5: 1 at N = anchor, 0.0316 at 10×.
+    assert anchor_penalty(alpha, start, 20.0, 20).item() == pytest.approx(2 / 3)
+    assert anchor_penalty(alpha, start, 10.0, 40).item() == pytest.approx(0.125 * 2 / 3)
+    assert anchor_penalty(alpha, start, 10.0, 100).item() == pytest.approx(0.1 ** 1.5 * 2 / 3)
     agnostic = anchor_penalty(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]), 10.0, 10)
     assert agnostic.item() == pytest.approx(0.5)
 
