@@ -232,7 +232,8 @@ def suggest(source, bank_path, ratings, by, count, out, steps, device):
     from .rate import collect_images
     from .suggest import suggest as run
 
-    items = collect_images(source, out=Path(out) if out else None)
+    # Images are named relative to the file they go to, as rate names them: --out, else --ratings.
+    items = collect_images(source, out=Path(out) if out else Path(ratings) if ratings else None)
     recipe = LearnConfig(steps=steps, device=device)
     for label in run(items, resolve_bank(bank_path), count, ratings=ratings, out=out, recipe=recipe, by=by):
         click.echo(label)

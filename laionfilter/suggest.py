@@ -144,7 +144,7 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
         y = np.array([done[items[kept[j]].label] for j in scored])
         if not can_fit(y):
             raise LaionfilterError(f"--by fit needs --ratings with at least {MIN_RATINGS} scores (two of them different) "
-                                   f"for images of the source (named as rate and suggest name them, relative to --out's folder); "
+                                   f"for images of the source (named as rate names them, relative to the file's folder); "
                                    f"{ratings or 'no ratings file'} has {len(scored)}")
         note(f"{ratings}: {len(scored)} ratings; choosing where {min(recipe.folds, len(scored))} fits of them disagree")
         with learning_threads(bank):

@@ -35,7 +35,7 @@ def photos(tmp_path):
     return folder
 
 
-def test_suggest_writes_a_file_to_rate_and_skips_what_is_rated(photos, tmp_path):
+def test_suggest_writes_a_file_to_rate_and_skips_what_is_rated(photos, tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["suggest", str(photos), "--n", "4", "--out", str(tmp_path / "next.csv")])
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "next.csv").read_text().splitlines()
@@ -46,6 +46,11 @@ def test_suggest_writes_a_file_to_rate_and_skips_what_is_rated(photos, tmp_path)
                                  "--out", str(tmp_path / "next2.csv")])
     again = [line.split(",")[0] for line in (tmp_path / "next2.csv").read_text().splitlines()[1:]]
     assert r.exit_code == 0 and len(again) == 4 and not set(again) & set(first)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # printed, not written: named as the ratings name them, not from here
+    r = CliRunner().invoke(cli, ["suggest", str(photos), "--n", "4", "--ratings", str(tmp_path / "so-far.csv")])
+    assert r.exit_code == 0 and r.stdout.splitlines() == again
 
 
 def test_rate_active_order_starts_with_the_suggested_images(photos, tmp_path):
