@@ -51,12 +51,16 @@ def _parse(default: Any, value: str) -> Any:
     return tuple(int(v) for v in value.split("/")) if isinstance(default, tuple) else type(default)(value)
 
 
+def _default_name(methods: dict[str, LearnConfig | str]) -> str:
+    return next(k for k in methods if k.startswith("learned, adaptive init, anchor"))
+
+
 def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, LearnConfig | str]:
     """The baselines, the paper's recipe and the default recipe; with ``override`` (``field=value;...``),
     the default recipe changed so, alone (the others' numbers do not depend on it: same splits)."""
     base = LearnConfig(steps=steps, device=device, calibration="none")
     methods = default_methods(base)
-    default = next(k for k in methods if k.startswith("learned, adaptive init, anchor"))
+    default = _default_name(methods)
     if override:
         fields = {k: _parse(getattr(base, k), v) for k, v in (kv.split("=", 1) for kv in override.split(";"))}
         return {f"{default}, {override}": replace(methods[default], **fields)}
@@ -64,8 +68,9 @@ def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, Lea
 
 
 def calibration_methods(steps: int, device: str) -> dict[str, LearnConfig | str]:
-    name, recipe = next((k, v) for k, v in recipe_methods(steps, device).items() if k.startswith("learned, adaptive init, anchor"))
-    return {f"{name}, calibrated": replace(recipe, calibration=LearnConfig().calibration)}
+    methods = recipe_methods(steps, device)
+    name = _default_name(methods)
+    return {f"{name}, calibrated": replace(methods[name], calibration=LearnConfig().calibration)}
 
 
 KINDS = ("recipe", "calibration", "select")

@@ -149,7 +149,7 @@ ANCHOR_POWER = 1.5  # the anchor's weight is (anchor / N) to this power
 
 
 def anchor_penalty(alpha: torch.Tensor, start: torch.Tensor, anchor: float, n_support: int) -> torch.Tensor:
-    """(anchor / N)^1.5 · Σ_i mean_l (α_i^l − α_i^l(0))², N the support size."""
+    """(anchor / N)^ANCHOR_POWER · Σ_i mean_l (α_i^l − α_i^l(0))², N the support size."""
     d2 = (alpha - start) ** 2
     return (anchor / n_support) ** ANCHOR_POWER * (d2.sum(0).mean() if d2.dim() == 2 else d2.sum())
 

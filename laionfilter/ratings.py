@@ -14,7 +14,7 @@ import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -140,6 +140,17 @@ def _images(values: list, path: Path, shards: str | None, transform: Callable, p
     return refs, pixels
 
 
+def parse_score(value: Any) -> float:
+    """A score cell as a finite number; a ValueError saying what is wrong with it otherwise."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"score {value!r} is not a number") from None
+    if not math.isfinite(v):
+        raise ValueError(f"score is {value!r}")
+    return v
+
+
 def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | None = None,
                  default_user: str | None = None) -> Ratings:
     """Validate a ratings file (read once) and return one preprocessed support set per user.
@@ -160,16 +171,10 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
     problems: list[str] = []
     scores = np.full(n, np.nan)
     for i, s in enumerate(raw_scores):
-        row = i + 2  # row 1 is the header (for Parquet: the same numbering, 1-based plus header)
         try:
-            v = float(s)
-        except (TypeError, ValueError):
-            problems.append(f"row {row}: score {s!r} is not a number")
-            continue
-        if not math.isfinite(v):
-            problems.append(f"row {row}: score is {s!r}")
-            continue
-        scores[i] = v
+            scores[i] = parse_score(s)
+        except ValueError as e:
+            problems.append(f"row {i + 2}: {e}")  # row 1 is the header (Parquet: the same numbering)
     users = _users(table, path, default_user, problems)
     refs, pixels = _images(images, path, shards, transform, problems)
 

@@ -99,6 +99,7 @@ def rated_so_far(path: str) -> dict[str, float | None]:
     """The images of a ratings file (``image``, or ``image_a``/``image_b`` for pairs) and each one's mean
     score: None where it has none yet (a blank score, as ``suggest --out`` leaves them, or pairs)."""
     from .errors import LaionfilterError
+    from .ratings import parse_score
     from .tables import read_table
 
     t = read_table(path)
@@ -113,9 +114,9 @@ def rated_so_far(path: str) -> dict[str, float | None]:
         if score is None or str(score).strip() == "":
             continue
         try:
-            values.append(float(score))
-        except ValueError:
-            raise LaionfilterError(f"{path}: row {row}: score {score!r} is not a number") from None
+            values.append(parse_score(score))
+        except ValueError as e:
+            raise LaionfilterError(f"{path}: row {row}: {e}") from None
     return {k: (float(np.mean(v)) if v else None) for k, v in found.items()}
 
 

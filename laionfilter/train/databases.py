@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from ..errors import LaionfilterError
 from ..images import ImageDecodeError
+from ..ratings import parse_score
 from ..tables import read_table, require_columns, resolve_path
 
 
@@ -83,11 +83,9 @@ def open_table_database(path, transform, template, *, image_column="image", scor
     paths = []
     for row, (img, s) in enumerate(zip(images, raw), start=2):  # row 1 is the header
         try:
-            scores[row - 2] = float(s)
-            if math.isnan(scores[row - 2]):
-                problems.append(f"row {row}: score is NaN")
-        except (TypeError, ValueError):
-            problems.append(f"row {row}: score {s!r} is not a number")
+            scores[row - 2] = parse_score(s)
+        except ValueError as e:
+            problems.append(f"row {row}: {e}")
         p = resolve_path(img, path.parent) if img else None
         if p is None or not p.is_file():
             problems.append(f"row {row}: image {img!r} not found" + (f" (looked for {p})" if p else ""))
