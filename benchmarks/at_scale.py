@@ -15,7 +15,10 @@ its SROCC equals the recipe kind's default (the same final fit).
     python benchmarks/at_scale.py --users 12 --trials 3 --workers 2 --out /tmp/at-scale \\
         --plan "recipe:10:seed0,seed1;recipe:10:against2;select:10:seed0,seed1;recipe:100:seed0,seed1,against2"
     python benchmarks/at_scale.py ... --plan "calibration:10:seed0,seed1;select:10:seed0,seed1" --selections active+fit
-    python benchmarks/at_scale.py ... --plan "recipe:10:seed0" --override "temperature=0.1;steps=0"
+    python benchmarks/at_scale.py ... --plan "recipe:10:seed0" --override "mix_temperature=0.05"
+
+Runs before the default became ``init=mixes;anchor=31.62;anchor_power=3`` used
+``init=adaptive;anchor=10;anchor_power=1.5``: add those to ``--override`` to rerun them.
 
 writes ``<set>-<kind>.json`` (evaluate's result format, plus ``complete_trials``) and prints the tables.
 """
@@ -38,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from personalize import simulate_users  # noqa: E402 (the benchmark's simulated users, one definition)
 
-from laionfilter.evaluate import (BEST_SINGLE, ZERO_SHOT, default_methods, markdown_table,  # noqa: E402
+from laionfilter.evaluate import (BEST_SINGLE, ZERO_SHOT, default_methods, default_name, markdown_table,  # noqa: E402
                                   selection_runs, split_runs, summarise)
 from laionfilter.learn import LearnConfig  # noqa: E402
 from laionfilter.safefiles import write_json  # noqa: E402
@@ -51,16 +54,12 @@ def _parse(default: Any, value: str) -> Any:
     return tuple(int(v) for v in value.split("/")) if isinstance(default, tuple) else type(default)(value)
 
 
-def _default_name(methods: dict[str, LearnConfig | str]) -> str:
-    return next(k for k in methods if k.startswith("learned, adaptive init, anchor"))
-
-
 def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, LearnConfig | str]:
     """The baselines, the paper's recipe and the default recipe; with ``override`` (``field=value;...``),
     the default recipe changed so, alone (the others' numbers do not depend on it: same splits)."""
     base = LearnConfig(steps=steps, device=device, calibration="none")
     methods = default_methods(base)
-    default = _default_name(methods)
+    default = default_name(base)
     if override:
         fields = {k: _parse(getattr(base, k), v) for k, v in (kv.split("=", 1) for kv in override.split(";"))}
         return {f"{default}, {override}": replace(methods[default], **fields)}
@@ -69,7 +68,7 @@ def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, Lea
 
 def calibration_methods(steps: int, device: str) -> dict[str, LearnConfig | str]:
     methods = recipe_methods(steps, device)
-    name = _default_name(methods)
+    name = default_name(LearnConfig(steps=steps, device=device, calibration="none"))
     return {f"{name}, calibrated": replace(methods[name], calibration=LearnConfig().calibration)}
 
 

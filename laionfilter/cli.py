@@ -292,9 +292,12 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--out", required=True, type=click.Path(),
               help="Profile file, or a folder (one profile per user) when the ratings have a user column.")
 @click.option("--shards", help="WebDataset shards in which the ratings' image column names sample keys.")
-@click.option("--init", type=click.Choice(["adaptive", "uniform", "best-fit"]), default="adaptive",
-              help="Coefficient initialisation: softmax(SROCC/T), uniform (T→∞) or best task (T→0).")
-@click.option("--temperature", type=float, default=1.0, help="T of the adaptive initialisation.")
+@click.option("--init", type=click.Choice(["adaptive", "uniform", "best-fit", "mixes"]), default="mixes", show_default=True,
+              help="Coefficient initialisation: softmax(SROCC/T) over the tasks (adaptive, the paper's), uniform "
+                   "(T→∞), best task (T→0), or mixes: softmax(SROCC/T) over candidate merges (each task, each "
+                   "pair averaged, each task less half another).")
+@click.option("--temperature", type=float,
+              help="T of the initialisation's softmax [default: 1, the paper's, for adaptive; 0.1 for mixes].")
 @click.option("--loss", type=click.Choice(["bt", "mse"]), default="bt", help="Bradley–Terry rank loss or MSE.")
 @click.option("--layer-agnostic", is_flag=True, help="One coefficient per task instead of per task and layer.")
 @click.option("--tune", default="all", show_default=True,
@@ -305,8 +308,9 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--lr", type=float, default=1e-2, help="Start of the cosine schedule (ends at lr/10).")
 @click.option("--batch-size", type=int, default=32)
 @click.option("--anchor", type=float,
-              help="Beyond the paper: a penalty (anchor / support size)^1.5 keeping the coefficients near their start "
-                   "[default: 10]; 0 is the paper's recipe.")
+              help="Beyond the paper: a penalty (anchor / support size)^3 keeping the coefficients near their start "
+                   "[default: 31.62: weight 32 at 10 ratings, 0.03 at 100]; 0 (with --init adaptive) is the paper's "
+                   "recipe.")
 @click.option("--calibration", type=click.Choice(["linear", "isotonic", "none"]), default="linear", show_default=True,
               help="Map from score to the user's own rating scale (score writes it as <profile>_rating), fitted on "
                    "out-of-fold predictions: costs --folds extra fits.")
@@ -328,10 +332,11 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     from .profile import learn_profiles
     from .bank import resolve_bank
 
-    cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, tune=tune, steps=steps,
+    kw = {} if temperature is None else {"mix_temperature" if init == "mixes" else "temperature": temperature}
+    cfg = LearnConfig(init=init, loss=loss, layer_agnostic=layer_agnostic, tune=tune, steps=steps,
                       batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration, folds=folds,
                       steps_from=_int_list(steps_from, "--steps-from"),
-                      **({} if anchor is None else {"anchor": anchor}))
+                      **({} if anchor is None else {"anchor": anchor}), **kw)
     for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
         m = profile.meta
         oof = m.get("out_of_fold")
@@ -364,7 +369,7 @@ def inspect(profile_path, as_json, plot):
         return
     click.echo(f"profile {info['name']!r} on bank {info['bank']['fingerprint'][:16]} ({info['bank']['path']})")
     c = info["config"]
-    click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={c['temperature']}), loss {c['loss']}, "
+    click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={c['mix_temperature'] if c['init'] == 'mixes' else c['temperature']}), loss {c['loss']}, "
                f"{'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps, seed {c['seed']}")
     w = max(len(t["name"]) for t in info["tasks"])
     click.echo(f"\n  {'task':<{w}}  zero-shot SROCC  α init  α mean  α min..max")

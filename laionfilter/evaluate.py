@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .bank import Bank
 from .errors import LaionfilterError
 from .calibrate import KINDS, fit_calibration
-from .learn import ANCHOR_POWER, LearnConfig, Merger, fit_recipe, learning_threads, pair_agreement
+from .learn import LearnConfig, Merger, fit_recipe, learning_threads, pair_agreement
 from .log import note
 from .metrics import srocc
 from .model import eval_transform, pick_device
@@ -66,8 +66,13 @@ def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
         "learned, best-fit init": replace(paper, init="best-fit"),
         "layer-agnostic (adaptive)": replace(paper, layer_agnostic=True),
         "MSE loss (adaptive)": replace(paper, loss="mse"),
-        f"learned, adaptive init, anchor ({base.anchor:g}/N)^{ANCHOR_POWER:g}": replace(base, init="adaptive"),
+        default_name(base): base,
     }
+
+
+def default_name(cfg: LearnConfig) -> str:
+    """The name under which ``default_methods`` reports the default recipe ``cfg``."""
+    return f"learned, {cfg.init} init, anchor ({cfg.anchor:g}/N)^{cfg.anchor_power:g}"
 
 
 def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10, 100), trials: int = 10,
@@ -106,6 +111,14 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                 "summary": summarise(runs), "runs": runs}
 
 
+def support_split(n_items: int, seed: int, u_index: int, k: int, trial: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """A split of the protocol, seeded by its four numbers alone: the K support items, the rest (the
+    test set), and the seed of the methods' batch order (one for every method in the split)."""
+    rng = np.random.default_rng([seed, u_index, k, trial])
+    perm = rng.permutation(n_items)
+    return np.sort(perm[:k]), np.sort(perm[k:]), int(rng.integers(2**31))
+
+
 def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, methods: dict[str, LearnConfig | str],
                seed: int, task_preds: np.ndarray, on_step: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
     """One split of the protocol: user ``sup`` (the ``u_index``-th of its table), K support items drawn
@@ -113,9 +126,7 @@ def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, m
     give the same numbers), every method fitted on them and scored on the rest. Empty when the split
     cannot be learned from (a single score among the support images)."""
     n_items = len(sup.scores) if sup.pairs is None else len(sup.pairs)
-    rng = np.random.default_rng([seed, u_index, k, trial])
-    perm = rng.permutation(n_items)
-    sup_idx, test_idx = np.sort(perm[:k]), np.sort(perm[k:])
+    sup_idx, test_idx, trial_seed = support_split(n_items, seed, u_index, k, trial)
     if sup.pairs is None:  # K rated images; the rest are the test set
         y_sup = sup.scores[sup_idx]
         if len(set(y_sup.tolist())) < 2:
@@ -129,7 +140,6 @@ def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, m
         on_test = lambda pred: pair_agreement(sup.pairs[test_idx], pred)  # noqa: E731
         data = dict(pixels=sup.pixels, scores=None, pairs=sup.pairs[sup_idx], task_preds=task_preds)
     zs = [on_support(p) for p in task_preds]
-    trial_seed = int(rng.integers(2**31))  # one batch order for every method in this split
     runs = []
     for name, method in methods.items():
         r: dict[str, Any] = {}  # what a learned method reports beyond its predictions

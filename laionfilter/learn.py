@@ -5,8 +5,11 @@
 Bradley–Terry rank loss −log σ(ŷ_a − ŷ_b) over every pair in the batch with y_a > y_b (eq. 3): 500
 steps, batch 32, learning rate 1e-2 → 1e-3 on a cosine schedule (appendix F).
 
-Beyond the paper, by default: an anchor penalty keeping α near its start, its weight falling as
-N^-1.5 with the support size N (``LearnConfig.anchor``; 0 gives the paper's recipe).
+Beyond the paper, by default: α starts at a softmax-weighted mean of candidate merges (each task,
+each pair of tasks averaged, each task less half another; ``mixes``) weighted by their SROCC on the
+support set, and an anchor penalty keeps α near that start, its weight falling as N^-3 with the support
+size N (``LearnConfig.anchor``): with ten ratings it holds α near the start, with a hundred it lets go.
+``init="adaptive", anchor=0`` is the paper's recipe.
 
 Differences from the authors' released code, where the paper is followed here: their code initialises
 with softmax(10·SROCC) (T = 0.1 here would match), pairs item i with item i + B/2 instead of every
@@ -16,6 +19,7 @@ ordered pair in the batch, and keeps the learning rate constant.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
 import time
@@ -34,14 +38,19 @@ from .merge import merge_weights
 from .metrics import srocc
 from .model import count_blocks, layer_stage, pick_device
 
-INITS = ("adaptive", "uniform", "best-fit")
+INITS = ("adaptive", "uniform", "best-fit", "mixes")
 LOSSES = ("bt", "mse")
 
 
 @dataclass(frozen=True)
 class LearnConfig:
-    init: str = "adaptive"  # adaptive: softmax(SROCC/T); uniform: T → ∞; best-fit: T → 0
+    # adaptive: softmax(SROCC/T) (the paper); uniform: T → ∞; best-fit: T → 0; mixes (beyond the paper,
+    # the default): softmax over candidate merges, see mixes(). Chosen on the benchmark's first user set
+    # at 10 shots, where an untrained mixes start beat the best single task by +0.03 (README).
+    init: str = "mixes"
     temperature: float = 1.0
+    # Beyond the paper, init "mixes": the temperature of the softmax over the candidate merges' SROCC.
+    mix_temperature: float = 0.1
     loss: str = "bt"  # bt: Bradley–Terry rank loss (eq. 3); mse: squared error on the template's scale
     layer_agnostic: bool = False  # one coefficient per task instead of one per task and layer
     steps: int = 500
@@ -50,12 +59,14 @@ class LearnConfig:
     lr_end: float | None = None  # None: lr / 10
     seed: int = 0
     device: str = "auto"
-    # Beyond the paper: a penalty (anchor / N)^1.5 · Σ_i mean_l (α_i^l − α_i^l(0))² keeping the
+    # Beyond the paper: a penalty (anchor / N)^anchor_power · Σ_i mean_l (α_i^l − α_i^l(0))² keeping the
     # coefficients near their start, N the support size: weight 1 at N = anchor. The rank loss is a
     # mean, so a prior of fixed weight would hold a 500-image support set as hard as a 10-image one.
-    # Its weight falls faster than 1/N because at 100 shots a weight of 0.1 still held α back (README:
-    # 10 shots: weight 1, 100 shots: 0.03). 0 is the paper's recipe.
-    anchor: float = 10.0
+    # Weight 32 at 10 shots: ten ratings trained from the mixes start undid its gain (README), while at
+    # 100 shots a weight above 0.03 held α back; (31.62 / N)^3 is 31.6 at 10 and 0.0316 at 100. 0 is
+    # the paper's recipe.
+    anchor: float = 31.62
+    anchor_power: float = 3.0
     # Which layers' coefficients are learned: "all" (the paper), "top-N" (the last N transformer blocks,
     # the layers after them and the head) or "head". The others are fixed to 1/n for every task, the
     # same for every user, so that profiles share everything below their first tuned layer and the
@@ -77,12 +88,12 @@ class LearnConfig:
             raise LaionfilterError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
         if self.loss not in LOSSES:
             raise LaionfilterError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
-        if not self.temperature > 0:
+        if not (self.temperature > 0 and self.mix_temperature > 0):
             raise LaionfilterError("temperature must be positive")
         if self.steps < 0 or self.batch_size < 2:
             raise LaionfilterError("steps must be ≥ 0 and batch size ≥ 2")
-        if self.anchor < 0:
-            raise LaionfilterError("anchor must be ≥ 0")
+        if self.anchor < 0 or self.anchor_power <= 0:
+            raise LaionfilterError("anchor must be ≥ 0 and its power positive")
         if not re.fullmatch(r"all|head|top-\d+", self.tune):
             raise LaionfilterError(f"tune must be all, head or top-N (N blocks), not {self.tune!r}")
         if self.calibration not in (*KINDS, "none"):
@@ -122,11 +133,28 @@ def tuned_layers(layers: list[str], tune: str = "all") -> torch.Tensor:
     return torch.tensor([layer_stage(l, blocks) >= first for l in layers])
 
 
+def mixes(n: int) -> np.ndarray:
+    """The candidate merges that ``init="mixes"`` weighs, [m, n]: each task alone, each pair averaged
+    (a taste that mixes two criteria) and each task less half of another (a taste that runs against a
+    criterion). For 6 tasks, 6 + 15 + 30 = 51."""
+    eye = np.eye(n)
+    pairs = [(eye[i] + eye[j]) / 2 for i, j in itertools.combinations(range(n), 2)]
+    against = [eye[i] - eye[j] / 2 for i, j in itertools.permutations(range(n), 2)]
+    return np.stack([*eye, *pairs, *against])
+
+
 def init_coefficients(sroccs: torch.Tensor | list[float], n_layers: int, init: str = "adaptive",
-                      temperature: float = 1.0) -> torch.Tensor:
-    """α_i^l = softmax_i(SROCC_i / T), the same for every layer (eq. 6); [n, n_layers]."""
+                      temperature: float = 1.0, mix_sroccs: list[float] | None = None) -> torch.Tensor:
+    """α_i^l = softmax_i(SROCC_i / T), the same for every layer (eq. 6); [n, n_layers]. Init "mixes":
+    Σ_c softmax_c(SROCC_c / T) · c over the candidate merges c of ``mixes`` (``mix_sroccs``: each
+    one's SROCC on the support set; T is then ``LearnConfig.mix_temperature``)."""
     s = torch.as_tensor(sroccs, dtype=torch.float64)
-    if init == "uniform":
+    if init == "mixes":
+        if mix_sroccs is None:
+            raise LaionfilterError("init mixes needs the candidate merges' SROCC")
+        w = torch.softmax(torch.as_tensor(mix_sroccs, dtype=torch.float64) / temperature, dim=0)
+        a = w @ torch.as_tensor(mixes(len(s)))
+    elif init == "uniform":
         a = torch.full_like(s, 1.0 / len(s))
     elif init == "best-fit":
         a = torch.zeros_like(s)
@@ -145,13 +173,11 @@ def bradley_terry_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return torch.nn.functional.softplus(-diff[better]).mean()
 
 
-ANCHOR_POWER = 1.5  # the anchor's weight is (anchor / N) to this power
-
-
-def anchor_penalty(alpha: torch.Tensor, start: torch.Tensor, anchor: float, n_support: int) -> torch.Tensor:
-    """(anchor / N)^ANCHOR_POWER · Σ_i mean_l (α_i^l − α_i^l(0))², N the support size."""
+def anchor_penalty(alpha: torch.Tensor, start: torch.Tensor, anchor: float, n_support: int,
+                   power: float) -> torch.Tensor:
+    """(anchor / N)^power · Σ_i mean_l (α_i^l − α_i^l(0))², N the support size."""
     d2 = (alpha - start) ** 2
-    return (anchor / n_support) ** ANCHOR_POWER * (d2.sum(0).mean() if d2.dim() == 2 else d2.sum())
+    return (anchor / n_support) ** power * (d2.sum(0).mean() if d2.dim() == 2 else d2.sum())
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor, span: float) -> torch.Tensor:
@@ -188,6 +214,11 @@ class Merger:
         n = self.bank.n
         return np.stack([self.predict(torch.eye(n)[i], pixels) for i in range(n)])
 
+    def mix_predictions(self, pixels: torch.Tensor, progress: bool = False) -> np.ndarray:
+        """[m, N]: each candidate merge of ``mixes`` on the images (the first n rows: the task models)."""
+        cands = tqdm(mixes(self.bank.n), desc="candidate merges", unit="merge", disable=not progress, leave=False)
+        return np.stack([self.predict(torch.as_tensor(c, dtype=torch.float32), pixels) for c in cands])
+
 
 def pair_agreement(pairs: np.ndarray, pred: np.ndarray) -> float:
     """Kendall-style agreement with pairwise answers, in [-1, 1]: the fraction of (preferred, other) pairs
@@ -199,7 +230,7 @@ def pair_agreement(pairs: np.ndarray, pred: np.ndarray) -> float:
 def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: LearnConfig, progress: bool = False,
         task_preds: np.ndarray | None = None, desc: str = "learn",
         on_step: Callable[[], Any] | None = None, pairs: np.ndarray | None = None,
-        checkpoints: tuple[int, ...] = ()) -> dict[str, Any]:
+        checkpoints: tuple[int, ...] = (), mix_preds: np.ndarray | None = None) -> dict[str, Any]:
     """Learn α on one support set; returns α ([n, L]) and what happened on the way.
 
     ``checkpoints``: step counts whose α is returned too (``alpha_at``; 0 is the start); the fit ends
@@ -208,6 +239,8 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     The support set is scored images (``scores``), or pairwise answers (``pairs``: (preferred, other)
     image indices), whose Bradley–Terry loss is taken over those pairs and whose agreement measure is
     ``pair_agreement`` in place of SROCC. ``on_step`` is called once per step (an outer progress bar).
+    ``task_preds`` and ``mix_preds`` (init "mixes") are the task models' and the candidate merges'
+    predictions on ``pixels``, computed here when not given.
     """
     device = merger.device
     n, L = merger.bank.n, len(merger.layers)
@@ -217,7 +250,11 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     if task_preds is None:
         task_preds = merger.task_predictions(pixels)
     zs = [metric(p) for p in task_preds]
-    alpha0 = init_coefficients(zs, L, cfg.init, cfg.temperature)
+    mix_zs = None
+    if cfg.init == "mixes":
+        mix_zs = [metric(p) for p in (merger.mix_predictions(pixels, progress) if mix_preds is None else mix_preds)]
+    alpha0 = init_coefficients(zs, L, cfg.init, cfg.mix_temperature if cfg.init == "mixes" else cfg.temperature,
+                               mix_zs)
     tuned = tuned_layers(merger.layers, cfg.tune).to(device)
     alpha0[:, ~tuned.cpu()] = 1.0 / n  # the shared, user-independent value of the layers not tuned
     if cfg.layer_agnostic:
@@ -264,7 +301,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         if loss is None:  # every image in this batch has the same score: no pair to learn from
             continue
         if cfg.anchor:
-            loss = loss + anchor_penalty(alpha, start, cfg.anchor, len(x_all))
+            loss = loss + anchor_penalty(alpha, start, cfg.anchor, len(x_all), cfg.anchor_power)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -280,6 +317,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         "alpha_at": alpha_at,
         "alpha_init": _full(alpha0, cfg, n, L),
         "zero_shot_srocc": zs,
+        **({"mix_srocc": mix_zs} if mix_zs is not None else {}),
         "support_srocc_before": before,
         "support_srocc_after": after,
         "loss_curve": _curve(losses),
@@ -298,7 +336,8 @@ def _full(alpha: torch.Tensor, cfg: LearnConfig, n: int, L: int) -> torch.Tensor
 
 def fold_fits(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
               task_preds: np.ndarray | None = None, steps: tuple[int, ...] | None = None,
-              on_step: Callable[[], Any] | None = None) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+              on_step: Callable[[], Any] | None = None,
+              mix_preds: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
     """The recipe ``cfg`` fitted once per fold (``cfg.folds``, at most one per image) on the other
     folds, each with its adaptive start taken from the images it trains on: (held-out indices, the
     fit, with ``alpha_at`` at each of ``steps``, default ``cfg.steps``). The folds are drawn from
@@ -307,22 +346,24 @@ def fold_fits(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: Lea
     n_img = len(scores)
     if task_preds is None:
         task_preds = merger.task_predictions(pixels)
+    if cfg.init == "mixes" and mix_preds is None:  # once for every fold
+        mix_preds = merger.mix_predictions(pixels)
     k = min(cfg.folds, n_img)
     fold = np.random.default_rng([cfg.seed, n_img]).permutation(n_img) % k
     for f in range(k):
         train, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         yield held, fit(merger, pixels[train], scores[train], cfg, task_preds=task_preds[:, train], checkpoints=steps,
-                        on_step=on_step)
+                        on_step=on_step, mix_preds=None if mix_preds is None else mix_preds[:, train])
 
 
 def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
                 task_preds: np.ndarray | None = None, steps: tuple[int, ...] | None = None,
-                on_step: Callable[[], Any] | None = None) -> dict[int, np.ndarray]:
+                on_step: Callable[[], Any] | None = None, mix_preds: np.ndarray | None = None) -> dict[int, np.ndarray]:
     """Each support image's score by a fit on the other folds (``fold_fits``), at each step count in
     ``steps`` (default: ``cfg.steps``); {steps: [N] predictions}."""
     steps = tuple(steps) if steps else (cfg.steps,)
     oof = {s: np.zeros(len(scores)) for s in steps}
-    for held, r in fold_fits(merger, pixels, scores, cfg, task_preds, steps, on_step):
+    for held, r in fold_fits(merger, pixels, scores, cfg, task_preds, steps, on_step, mix_preds):
         for s in steps:
             oof[s][held] = merger.predict(r["alpha_at"][s], pixels[held])
     return oof
@@ -330,27 +371,31 @@ def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: L
 
 def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: LearnConfig,
                task_preds: np.ndarray | None = None, pairs: np.ndarray | None = None, progress: bool = False,
-               desc: str = "learn", on_step: Callable[[], Any] | None = None) -> dict[str, Any]:
+               desc: str = "learn", on_step: Callable[[], Any] | None = None,
+               mix_preds: np.ndarray | None = None) -> dict[str, Any]:
     """``fit``, plus what the recipe adds from the support set itself when it has ratings: out-of-fold
     predictions (``out_of_fold``) choose the step count among ``cfg.steps_from`` and fit the calibration
     (``calibration``, a ``Calibration``). Also returns ``oof`` (the chosen step's out-of-fold scores),
     ``oof_srocc`` per candidate, ``steps_chosen`` and ``folds`` (how many fits made them)."""
     if pairs is not None or not cfg.uses_folds:
         return fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc,
-                   on_step=on_step, pairs=pairs)
+                   on_step=on_step, pairs=pairs, mix_preds=mix_preds)
     started = time.time()
     if task_preds is None:
         task_preds = merger.task_predictions(pixels)
+    if cfg.init == "mixes" and mix_preds is None:
+        mix_preds = merger.mix_predictions(pixels, progress and on_step is None)
     candidates = cfg.steps_from or (cfg.steps,)
     folds = min(cfg.folds, len(scores))
     bar = tqdm(total=folds * max(candidates), desc=f"{desc}: {folds} out-of-fold fits", unit="step",
                disable=not progress or on_step is not None, leave=False)
-    oof = out_of_fold(merger, pixels, scores, cfg, task_preds, candidates, on_step or (lambda: bar.update(1)))
+    oof = out_of_fold(merger, pixels, scores, cfg, task_preds, candidates, on_step or (lambda: bar.update(1)),
+                      mix_preds)
     bar.close()
     cv = {s: srocc(scores, oof[s]) for s in candidates}
     chosen = max(candidates, key=lambda s: (cv[s], -s))  # a tie goes to fewer steps
     r = fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc, on_step=on_step,
-            checkpoints=(chosen,))
+            checkpoints=(chosen,), mix_preds=mix_preds)
     r.update(oof=oof[chosen], oof_srocc={str(s): v for s, v in cv.items()}, steps_chosen=chosen, folds=folds,
              seconds=round(time.time() - started, 2))  # the out-of-fold fits included
     if cfg.calibration != "none":

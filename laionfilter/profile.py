@@ -108,7 +108,8 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
                 "tasks": [t["name"] for t in bank.tasks],
                 "layers": len(bank.layers),
                 "config": cfg.to_json(),
-                "init": {"method": cfg.init, "temperature": cfg.temperature,
+                "init": {"method": cfg.init,
+                         "temperature": cfg.mix_temperature if cfg.init == "mixes" else cfg.temperature,
                          # the start of a learned layer (the others hold 1/n, see "tune")
                          "alpha_per_task": result["alpha_init"][:, int(result["tuned"].nonzero()[0])].tolist(),
                          "tune": cfg.tune, "fixed_layers": int((~result["tuned"]).sum()), "fixed_value": 1.0 / bank.n},

@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
-from laionfilter.learn import LearnConfig, Merger, anchor_penalty, bradley_terry_loss, fit, init_coefficients
+from laionfilter.learn import (LearnConfig, Merger, anchor_penalty, bradley_terry_loss, fit, fold_fits, init_coefficients,
+                              mixes)
 from laionfilter.merge import merge_weights
 from laionfilter.model import eval_transform
 from laionfilter.profile import learn_profiles, load_profile
@@ -191,28 +192,38 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
 
     info = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile"), "--json"]).output)
     assert len(info["tasks"]) == 3 and info["name"] == "ann"
+    assert info["config"]["init"] == "mixes" and "init mixes (T=0.1)" in r.output
+    # --temperature is the temperature of whichever start is chosen
+    for init, field in (("mixes", "mix_temperature"), ("adaptive", "temperature")):
+        r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / init),
+                                "--steps", "0", "--device", "cpu", "--calibration", "none", "--init", init,
+                                "--temperature", "0.25"])
+        assert r.exit_code == 0, r.output
+        config = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / init / "ann.profile"), "--json"]).output)["config"]
+        assert config[field] == 0.25 and config["init"] == init
 
 
 def test_recorded_start_is_the_initialisation_and_the_anchor_holds_alpha_near_it(small_bank, ratings_csv):
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
-    free = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3, anchor=0.0))
+    free = fit(merger, sup.pixels, sup.scores, LearnConfig(init="adaptive", steps=15, lr=5e-2, seed=3, anchor=0.0))
     expect = init_coefficients(free["zero_shot_srocc"], 60)
     assert torch.equal(free["alpha_init"], expect)  # not moved along by the optimizer
     assert not torch.equal(free["alpha"], expect)
-    held = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3, anchor=100.0))
+    held = fit(merger, sup.pixels, sup.scores, LearnConfig(init="adaptive", steps=15, lr=5e-2, seed=3, anchor=100.0))
     moved = lambda r: (r["alpha"] - r["alpha_init"]).abs().mean().item()
     assert moved(held) < 0.5 * moved(free)
 
 
-def test_anchor_penalty_is_anchor_over_support_size_to_the_1_5_times_the_summed_layer_mean():
+def test_anchor_penalty_is_anchor_over_support_size_to_its_power_times_the_summed_layer_mean():
     start = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
     alpha = torch.tensor([[0.5, 1.5, 0.5], [0.5, 0.5, -0.5]])  # one layer of each task moved by 1
-    # Σ_i mean_l: task 0 → 1/3, task 1 → 1/3; times (anchor / N)^1.5: 1 at N = anchor, 0.0316 at 10×.
-    assert anchor_penalty(alpha, start, 20.0, 20).item() == pytest.approx(2 / 3)
-    assert anchor_penalty(alpha, start, 10.0, 40).item() == pytest.approx(0.125 * 2 / 3)
-    assert anchor_penalty(alpha, start, 10.0, 100).item() == pytest.approx(0.1 ** 1.5 * 2 / 3)
-    agnostic = anchor_penalty(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]), 10.0, 10)
+    # Σ_i mean_l: task 0 → 1/3, task 1 → 1/3; times (anchor / N)^power: 1 at N = anchor, 10^-power at 10×.
+    assert anchor_penalty(alpha, start, 20.0, 20, 1.5).item() == pytest.approx(2 / 3)
+    assert anchor_penalty(alpha, start, 10.0, 40, 1.5).item() == pytest.approx(0.125 * 2 / 3)
+    assert anchor_penalty(alpha, start, 10.0, 100, 1.5).item() == pytest.approx(0.1 ** 1.5 * 2 / 3)
+    assert anchor_penalty(alpha, start, 10.0, 100, power=3).item() == pytest.approx(1e-3 * 2 / 3)
+    agnostic = anchor_penalty(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]), 10.0, 10, 1.5)
     assert agnostic.item() == pytest.approx(0.5)
 
 
@@ -220,6 +231,52 @@ def test_the_default_recipe_is_anchored_and_anchor_zero_is_the_papers(small_bank
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
     moved = lambda r: (r["alpha"] - r["alpha_init"]).abs().mean().item()
-    paper = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3, anchor=0.0))
+    paper = fit(merger, sup.pixels, sup.scores, LearnConfig(init="adaptive", steps=15, lr=5e-2, seed=3, anchor=0.0))
     default = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3))
     assert moved(default) < moved(paper)
+
+
+def test_mixes_are_each_task_each_pair_averaged_and_each_task_less_half_another():
+    c = mixes(3)
+    assert c.shape == (3 + 3 + 6, 3)
+    assert np.array_equal(c[:3], np.eye(3))
+    assert sorted(map(tuple, c[3:6])) == [(0, 0.5, 0.5), (0.5, 0, 0.5), (0.5, 0.5, 0)]
+    assert sorted(map(tuple, c[6:])) == sorted((a, b, d) for a, b, d in
+                                               [(1, -0.5, 0), (1, 0, -0.5), (-0.5, 1, 0), (0, 1, -0.5), (-0.5, 0, 1), (0, -0.5, 1)])
+    assert len(set(map(tuple, c))) == len(c)
+
+
+def test_mixes_initialisation_is_the_softmax_weighted_mean_of_the_candidates():
+    s = [0.1, 0.5, -0.2]
+    m = mixes(3)
+    ms = np.linspace(-0.3, 0.4, len(m))
+    for T in (1.0, 0.1):
+        w = np.exp(ms / T) / np.exp(ms / T).sum()
+        a = init_coefficients(s, 4, "mixes", T, list(ms))
+        assert a.shape == (3, 4)
+        for l in range(4):
+            torch.testing.assert_close(a[:, l], torch.tensor(w @ m, dtype=torch.float32))
+    sharp = init_coefficients(s, 2, "mixes", 1e-4, list(ms))  # T → 0: the best candidate alone
+    torch.testing.assert_close(sharp[:, 0], torch.tensor(m[-1], dtype=torch.float32))
+    with pytest.raises(LaionfilterError, match="candidate"):
+        init_coefficients(s, 2, "mixes", 0.1)
+
+
+def test_mixes_init_scores_every_candidate_merge_on_the_support(small_bank, ratings_csv):
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
+    merger = Merger(small_bank, torch.device("cpu"))
+    preds = merger.mix_predictions(sup.pixels)
+    np.testing.assert_array_equal(preds[:small_bank.n], merger.task_predictions(sup.pixels))
+    c = mixes(small_bank.n)[7]
+    np.testing.assert_allclose(preds[7], merger.predict(torch.tensor(c, dtype=torch.float32), sup.pixels), rtol=1e-6)
+    cfg = LearnConfig(init="mixes", steps=0, calibration="none")
+    r = fit(merger, sup.pixels, sup.scores, cfg)
+    assert r["mix_srocc"] == pytest.approx([srocc(sup.scores, p) for p in preds])
+    expect = init_coefficients(r["zero_shot_srocc"], len(small_bank.layers), "mixes", cfg.mix_temperature, r["mix_srocc"])
+    assert torch.equal(r["alpha_init"], expect)
+    # the folds' starts come from the images each fold trains on, whether the candidates' predictions are
+    # passed in (computed once for every fold) or computed per fold
+    given = [f["alpha_init"] for _, f in fold_fits(merger, sup.pixels, sup.scores, cfg, mix_preds=preds)]
+    own = [f["alpha_init"] for _, f in fold_fits(merger, sup.pixels, sup.scores, cfg)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(given, own))
+    assert not torch.allclose(given[0], given[1])

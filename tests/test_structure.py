@@ -3,7 +3,10 @@
 import ast
 from pathlib import Path
 
+import click
+
 import laionfilter
+from laionfilter.cli import cli
 
 PACKAGE = Path(laionfilter.__file__).parent
 RUNTIME = ["bank", "learn", "profile", "ratings", "evaluate", "score", "scorer", "mapper", "reader", "writer",
@@ -74,3 +77,13 @@ def test_the_readme_module_table_lists_every_module():
                for p in PACKAGE.rglob("*.py") if p.stem not in ("__init__", "__main__")}
     assert modules - listed == set(), "modules missing from the README's module table"
     assert {m for m in listed if m != "web"} - modules == set(), "the README's module table names modules that do not exist"
+
+
+def test_the_cli_offers_the_library_s_choices():
+    # the CLI spells its choices out so that `laionfilter --help` need not import torch; they must not drift
+    from laionfilter.calibrate import KINDS
+    from laionfilter.learn import INITS
+    learn = cli.commands["learn"]
+    choices = {p.name: list(p.type.choices) for p in learn.params if isinstance(p.type, click.Choice)}
+    assert choices["init"] == list(INITS)
+    assert choices["calibration"] == [*KINDS, "none"]
