@@ -369,7 +369,7 @@ def inspect(profile_path, as_json, plot):
         return
     click.echo(f"profile {info['name']!r} on bank {info['bank']['fingerprint'][:16]} ({info['bank']['path']})")
     c = info["config"]
-    click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={c['mix_temperature'] if c['init'] == 'mixes' else c['temperature']}), loss {c['loss']}, "
+    click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={info['start_temperature']}), loss {c['loss']}, "
                f"{'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps, seed {c['seed']}")
     w = max(len(t["name"]) for t in info["tasks"])
     click.echo(f"\n  {'task':<{w}}  zero-shot SROCC  α init  α mean  α min..max")

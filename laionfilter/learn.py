@@ -107,6 +107,11 @@ class LearnConfig:
             raise LaionfilterError("--tune and --layer-agnostic do not combine: choose one")
 
     @property
+    def start_temperature(self) -> float:
+        """The temperature of the chosen start's softmax."""
+        return self.mix_temperature if self.init == "mixes" else self.temperature
+
+    @property
     def uses_folds(self) -> bool:
         """Whether a support set of ratings gets the out-of-fold fits (for the calibration or the step count)."""
         return self.calibration != "none" or bool(self.steps_from)
@@ -220,6 +225,18 @@ class Merger:
         return np.stack([self.predict(torch.as_tensor(c, dtype=torch.float32), pixels) for c in cands])
 
 
+def start_predictions(merger: Merger, pixels: torch.Tensor, cfg: LearnConfig, task_preds: np.ndarray | None,
+                      mix_preds: np.ndarray | None, progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """What ``cfg``'s start is chosen from, on ``pixels``: the task models' predictions and, for init
+    "mixes", the candidate merges' (whose first n rows are the task models': not run twice). Either
+    one given is kept."""
+    if cfg.init == "mixes" and mix_preds is None:
+        mix_preds = merger.mix_predictions(pixels, progress)
+    if task_preds is None:
+        task_preds = merger.task_predictions(pixels) if mix_preds is None else mix_preds[:merger.bank.n]
+    return task_preds, mix_preds
+
+
 def pair_agreement(pairs: np.ndarray, pred: np.ndarray) -> float:
     """Kendall-style agreement with pairwise answers, in [-1, 1]: the fraction of (preferred, other) pairs
     a prediction orders the user's way, rescaled as 2f − 1 (a predicted tie counts half). It stands in
@@ -247,14 +264,10 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     if pairs is not None and cfg.loss != "bt":
         raise LaionfilterError("pairwise answers train with the Bradley–Terry loss only (--loss bt)")
     metric = (lambda pred: pair_agreement(pairs, pred)) if pairs is not None else (lambda pred: srocc(scores, pred))
-    if task_preds is None:
-        task_preds = merger.task_predictions(pixels)
+    task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds, progress)
     zs = [metric(p) for p in task_preds]
-    mix_zs = None
-    if cfg.init == "mixes":
-        mix_zs = [metric(p) for p in (merger.mix_predictions(pixels, progress) if mix_preds is None else mix_preds)]
-    alpha0 = init_coefficients(zs, L, cfg.init, cfg.mix_temperature if cfg.init == "mixes" else cfg.temperature,
-                               mix_zs)
+    mix_zs = None if mix_preds is None else [metric(p) for p in mix_preds]
+    alpha0 = init_coefficients(zs, L, cfg.init, cfg.start_temperature, mix_zs)
     tuned = tuned_layers(merger.layers, cfg.tune).to(device)
     alpha0[:, ~tuned.cpu()] = 1.0 / n  # the shared, user-independent value of the layers not tuned
     if cfg.layer_agnostic:
@@ -344,10 +357,7 @@ def fold_fits(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: Lea
     ``cfg.seed``."""
     steps = tuple(steps) if steps else (cfg.steps,)
     n_img = len(scores)
-    if task_preds is None:
-        task_preds = merger.task_predictions(pixels)
-    if cfg.init == "mixes" and mix_preds is None:  # once for every fold
-        mix_preds = merger.mix_predictions(pixels)
+    task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds)  # once for every fold
     k = min(cfg.folds, n_img)
     fold = np.random.default_rng([cfg.seed, n_img]).permutation(n_img) % k
     for f in range(k):
@@ -381,10 +391,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
         return fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc,
                    on_step=on_step, pairs=pairs, mix_preds=mix_preds)
     started = time.time()
-    if task_preds is None:
-        task_preds = merger.task_predictions(pixels)
-    if cfg.init == "mixes" and mix_preds is None:
-        mix_preds = merger.mix_predictions(pixels, progress and on_step is None)
+    task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds, progress and on_step is None)
     candidates = cfg.steps_from or (cfg.steps,)
     folds = min(cfg.folds, len(scores))
     bar = tqdm(total=folds * max(candidates), desc=f"{desc}: {folds} out-of-fold fits", unit="step",
