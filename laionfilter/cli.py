@@ -317,11 +317,15 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--folds", type=int, default=5, show_default=True, help="Folds of the out-of-fold predictions.")
 @click.option("--steps-from", help="Candidate step counts, e.g. 0,100,500: the support set's out-of-fold SROCC "
                                    "chooses one (the final fit stops there).")
+@click.option("--tol", type=float, default=1e-4, show_default=True,
+              help="Beyond the paper: where every step sees the whole support set (no more ratings than "
+                   "--batch-size), stop once the loss has not fallen by this much for 25 steps; 0 trains every step "
+                   "(the paper).")
 @seed_option()
 @device_option()
 @threads_option
 def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, tune, steps, lr, batch_size, anchor,
-          calibration, folds, steps_from, seed, device, threads):
+          calibration, folds, steps_from, tol, seed, device, threads):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -335,7 +339,7 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     kw = {} if temperature is None else {"mix_temperature" if init == "mixes" else "temperature": temperature}
     cfg = LearnConfig(init=init, loss=loss, layer_agnostic=layer_agnostic, tune=tune, steps=steps,
                       batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration, folds=folds,
-                      steps_from=_int_list(steps_from, "--steps-from"),
+                      steps_from=_int_list(steps_from, "--steps-from"), tol=tol,
                       **({} if anchor is None else {"anchor": anchor}), **kw)
     for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
         m = profile.meta
@@ -370,7 +374,9 @@ def inspect(profile_path, as_json, plot):
     click.echo(f"profile {info['name']!r} on bank {info['bank']['fingerprint'][:16]} ({info['bank']['path']})")
     c = info["config"]
     click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={info['start_temperature']}), loss {c['loss']}, "
-               f"{'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps, seed {c['seed']}")
+               f"{'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps"
+               + (f" (the loss settled at step {settled})" if (settled := info["loss_curve"].get("converged_at")) else "")
+               + f", seed {c['seed']}")
     w = max(len(t["name"]) for t in info["tasks"])
     click.echo(f"\n  {'task':<{w}}  zero-shot SROCC  α init  α mean  α min..max")
     for t in info["tasks"]:

@@ -56,7 +56,7 @@ def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
     The paper's recipe and its ablations run without the anchor (``anchor=0``) and without what the
     support set chooses or calibrates, as the paper has them; ``base`` is the tool's default recipe.
     """
-    paper = replace(base, init="adaptive", anchor=0.0, calibration="none", steps_from=())
+    paper = replace(base, init="adaptive", anchor=0.0, calibration="none", steps_from=(), tol=0.0)
     return {
         ZERO_SHOT: ZERO_SHOT,
         BEST_SINGLE: BEST_SINGLE,
@@ -99,7 +99,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                     continue
                 for trial in range(trials):
                     counted = bar.n
-                    runs += split_runs(merger, sup, u_index, k, trial, methods, seed, task_preds, lambda: bar.update(1))
+                    runs += split_runs(merger, sup, u_index, k, trial, methods, seed, task_preds, bar.update)
                     # A chosen step count can end a fit early, a split can be skipped: the bar moves by the plan.
                     bar.update(max(0, plan(k, sup) - (bar.n - counted)))
         bar.close()
@@ -120,7 +120,7 @@ def support_split(n_items: int, seed: int, u_index: int, k: int, trial: int) -> 
 
 
 def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, methods: dict[str, LearnConfig | str],
-               seed: int, task_preds: np.ndarray, on_step: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
+               seed: int, task_preds: np.ndarray, on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
     """One split of the protocol: user ``sup`` (the ``u_index``-th of its table), K support items drawn
     for ``trial`` (seeded by those four numbers alone, so that any subset of splits can run anywhere and
     give the same numbers), every method fitted on them and scored on the rest. Empty when the split

@@ -80,6 +80,12 @@ class LearnConfig:
     # Beyond the paper: candidate step counts; the out-of-fold SROCC over the support set picks one, and
     # the final fit stops there (on the schedule of ``steps``). Empty: train ``steps``.
     steps_from: tuple[int, ...] = ()
+    # Beyond the paper: where every step sees the whole support set (N ≤ batch size, as with ten
+    # ratings) the loss is the exact objective, and the fit stops once it has not fallen by ``tol`` for
+    # ``patience`` steps (the rule of scikit-learn's tol / n_iter_no_change). With the default anchor a
+    # ten-rating fit has settled by about step 100 of 500 (README). 0 trains every step (the paper).
+    tol: float = 1e-4
+    patience: int = 25
 
     def __post_init__(self):
         if self.lr_end is None:
@@ -100,6 +106,8 @@ class LearnConfig:
             raise LaionfilterError(f"calibration must be {', '.join(KINDS)} or none, not {self.calibration!r}")
         if self.folds < 2:
             raise LaionfilterError("folds must be ≥ 2")
+        if self.tol < 0 or self.patience < 1:
+            raise LaionfilterError("tol must be ≥ 0 and patience ≥ 1")
         object.__setattr__(self, "steps_from", tuple(sorted(set(int(s) for s in self.steps_from))))
         if any(not 0 <= s <= self.steps for s in self.steps_from):
             raise LaionfilterError(f"steps-from {list(self.steps_from)}: each must be between 0 and steps ({self.steps})")
@@ -246,7 +254,7 @@ def pair_agreement(pairs: np.ndarray, pred: np.ndarray) -> float:
 
 def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: LearnConfig, progress: bool = False,
         task_preds: np.ndarray | None = None, desc: str = "learn",
-        on_step: Callable[[], Any] | None = None, pairs: np.ndarray | None = None,
+        on_step: Callable[[int], Any] | None = None, pairs: np.ndarray | None = None,
         checkpoints: tuple[int, ...] = (), mix_preds: np.ndarray | None = None) -> dict[str, Any]:
     """Learn α on one support set; returns α ([n, L]) and what happened on the way.
 
@@ -255,7 +263,8 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
 
     The support set is scored images (``scores``), or pairwise answers (``pairs``: (preferred, other)
     image indices), whose Bradley–Terry loss is taken over those pairs and whose agreement measure is
-    ``pair_agreement`` in place of SROCC. ``on_step`` is called once per step (an outer progress bar).
+    ``pair_agreement`` in place of SROCC. ``on_step(k)`` is told of each k steps done (an outer progress
+    bar), the steps a converged fit skips included.
     ``task_preds`` and ``mix_preds`` (init "mixes") are the task models' and the candidate merges'
     predictions on ``pixels``, computed here when not given.
     """
@@ -289,6 +298,8 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         pair_t = torch.as_tensor(pairs, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = min(cfg.batch_size, len(x_all) if pairs is None else len(pairs))
+    exact = cfg.tol > 0 and batch == (len(x_all) if pairs is None else len(pairs))  # each loss the objective
+    best, stale, stopped = math.inf, 0, None
     losses: list[float] = []
     before = metric(merger.predict(alpha.detach(), pixels))
     started = time.time()
@@ -299,7 +310,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         if step in checkpoints:
             alpha_at[step] = _full(alpha.detach(), cfg, n, L)
         if on_step:
-            on_step()
+            on_step(1)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_end)
         if pairs is None:
@@ -321,7 +332,17 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         losses.append(loss.item())
         if step % 25 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+        if exact:
+            stale = stale + 1 if losses[-1] > best - cfg.tol else 0
+            best = min(best, losses[-1])
+            if stale >= cfg.patience and step + 1 < last:
+                stopped = step + 1
+                break
     alpha_full = _full(alpha.detach(), cfg, n, L)
+    if stopped is not None:  # converged: α stays where it is at every later step asked for
+        alpha_at.update({s: alpha_full for s in checkpoints if s >= stopped})
+        if on_step:
+            on_step(last - stopped)
     if last in checkpoints:
         alpha_at[last] = alpha_full
     after = metric(merger.predict(alpha_full, pixels))
@@ -333,7 +354,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         **({"mix_srocc": mix_zs} if mix_zs is not None else {}),
         "support_srocc_before": before,
         "support_srocc_after": after,
-        "loss_curve": _curve(losses),
+        "loss_curve": {**_curve(losses), **({"converged_at": stopped} if stopped is not None else {})},
         "tuned": tuned.cpu(),
         "seconds": round(time.time() - started, 2),
     }
@@ -349,7 +370,7 @@ def _full(alpha: torch.Tensor, cfg: LearnConfig, n: int, L: int) -> torch.Tensor
 
 def fold_fits(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
               task_preds: np.ndarray | None = None, steps: tuple[int, ...] | None = None,
-              on_step: Callable[[], Any] | None = None,
+              on_step: Callable[[int], Any] | None = None,
               mix_preds: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
     """The recipe ``cfg`` fitted once per fold (``cfg.folds``, at most one per image) on the other
     folds, each with its adaptive start taken from the images it trains on: (held-out indices, the
@@ -368,7 +389,7 @@ def fold_fits(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: Lea
 
 def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
                 task_preds: np.ndarray | None = None, steps: tuple[int, ...] | None = None,
-                on_step: Callable[[], Any] | None = None, mix_preds: np.ndarray | None = None) -> dict[int, np.ndarray]:
+                on_step: Callable[[int], Any] | None = None, mix_preds: np.ndarray | None = None) -> dict[int, np.ndarray]:
     """Each support image's score by a fit on the other folds (``fold_fits``), at each step count in
     ``steps`` (default: ``cfg.steps``); {steps: [N] predictions}."""
     steps = tuple(steps) if steps else (cfg.steps,)
@@ -381,7 +402,7 @@ def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: L
 
 def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: LearnConfig,
                task_preds: np.ndarray | None = None, pairs: np.ndarray | None = None, progress: bool = False,
-               desc: str = "learn", on_step: Callable[[], Any] | None = None,
+               desc: str = "learn", on_step: Callable[[int], Any] | None = None,
                mix_preds: np.ndarray | None = None) -> dict[str, Any]:
     """``fit``, plus what the recipe adds from the support set itself when it has ratings: out-of-fold
     predictions (``out_of_fold``) choose the step count among ``cfg.steps_from`` and fit the calibration
@@ -396,7 +417,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     folds = min(cfg.folds, len(scores))
     bar = tqdm(total=folds * max(candidates), desc=f"{desc}: {folds} out-of-fold fits", unit="step",
                disable=not progress or on_step is not None, leave=False)
-    oof = out_of_fold(merger, pixels, scores, cfg, task_preds, candidates, on_step or (lambda: bar.update(1)),
+    oof = out_of_fold(merger, pixels, scores, cfg, task_preds, candidates, on_step or bar.update,
                       mix_preds)
     bar.close()
     cv = {s: srocc(scores, oof[s]) for s in candidates}

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -201,6 +202,12 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
         assert r.exit_code == 0, r.output
         config = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / init / "ann.profile"), "--json"]).output)["config"]
         assert config[field] == 0.25 and config["init"] == init
+    # a loss that must fall by 10 to count never does: the first step sets the best, 25 more stop the fit
+    r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / "tol"),
+                            "--steps", "100", "--tol", "10", "--device", "cpu", "--calibration", "none"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["inspect", str(tmp_path / "tol" / "ann.profile")])
+    assert "100 steps (the loss settled at step 26)" in r.output, r.output
 
 
 def test_recorded_start_is_the_initialisation_and_the_anchor_holds_alpha_near_it(small_bank, ratings_csv):
@@ -280,3 +287,23 @@ def test_mixes_init_scores_every_candidate_merge_on_the_support(small_bank, rati
     own = [f["alpha_init"] for _, f in fold_fits(merger, sup.pixels, sup.scores, cfg)]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(given, own))
     assert not torch.allclose(given[0], given[1])
+
+
+def test_a_fit_that_sees_the_whole_support_each_step_stops_once_its_loss_settles(small_bank, ratings_csv):
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
+    pixels, scores = sup.pixels[:12], sup.scores[:12]  # each step sees all 12 (batch 32)
+    merger = Merger(small_bank, torch.device("cpu"))
+    cfg = LearnConfig(steps=100, seed=3)
+    told = []
+    stopped = fit(merger, pixels, scores, cfg, on_step=told.append, checkpoints=(10, 100))
+    at = stopped["loss_curve"]["converged_at"]
+    assert 10 < at < 100 and stopped["loss_curve"]["steps"] == at
+    assert sum(told) == 100  # the outer bar is told of the steps skipped too
+    assert torch.equal(stopped["alpha_at"][100], stopped["alpha"])
+    assert not torch.equal(stopped["alpha_at"][10], stopped["alpha"])
+    full = fit(merger, pixels, scores, replace(cfg, tol=0.0))
+    assert full["loss_curve"]["steps"] == 100 and "converged_at" not in full["loss_curve"]
+    # where it stopped is most of the way to where every step would have taken it
+    assert (stopped["alpha"] - full["alpha"]).abs().max() < 0.25 * (full["alpha"] - full["alpha_init"]).abs().max()
+    minibatch = fit(merger, pixels, scores, replace(cfg, batch_size=4, steps=20, patience=2))
+    assert minibatch["loss_curve"]["steps"] == 20  # a minibatch's loss is noisy: never a reason to stop
