@@ -2,6 +2,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Under pytest-xdist (`-n auto`, the README's command) there is one worker process per core: torch's
+# default of one thread per core in each, and in the CLI processes tests start, would oversubscribe the
+# cores many times over (README, "Threads").
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path  # noqa: E402
 
