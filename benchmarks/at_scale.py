@@ -30,6 +30,7 @@ import json
 import multiprocessing as mp
 import queue
 import re
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -116,6 +117,8 @@ def worker(rank: int, device: str, units: Any, args: argparse.Namespace, tables:
         methods = {"recipe": recipe_methods(args.steps, str(dev), args.override),
                    "calibration": calibration_methods(args.steps, str(dev))}
         while True:
+            if not mp.parent_process().is_alive():  # the run was killed: nobody would collect another unit
+                return
             try:
                 kind, name, k, trial, u = units.get_nowait()
             except queue.Empty:
@@ -206,15 +209,20 @@ def main() -> None:
     print(f"{len(todo)} units ({len(done)} done before) on {args.workers} workers", flush=True)
     procs = [ctx.Process(target=worker, args=(r, "cuda" if r < args.cuda_workers else "cpu", units, args, tables))
              for r in range(args.workers)]
+    # A plain `kill` of this process stops its workers too (below), rather than leaving them to run on
+    # beside whatever is measured next.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for p in procs:
         p.start()
     end = started + args.deadline if args.deadline else None
-    for p in procs:
-        p.join(None if end is None else max(0.0, end - time.time()))
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join()
+    try:
+        for p in procs:
+            p.join(None if end is None else max(0.0, end - time.time()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
     results = collect(args, phases)
     for key, r in results.items():
         print(f"\n## {key}: complete trials per K {r['complete_trials']} of {args.users} users; "
