@@ -55,10 +55,15 @@ def _parse(default: Any, value: str) -> Any:
     return tuple(int(v) for v in value.split("/")) if isinstance(default, tuple) else type(default)(value)
 
 
+def _base(steps: int, device: str) -> LearnConfig:
+    """The default recipe as kind `recipe` runs it (without calibration, which changes no score)."""
+    return LearnConfig(steps=steps, device=device, calibration="none")
+
+
 def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, LearnConfig | str]:
     """The baselines, the paper's recipe and the default recipe; with ``override`` (``field=value;...``),
     the default recipe changed so, alone (the others' numbers do not depend on it: same splits)."""
-    base = LearnConfig(steps=steps, device=device, calibration="none")
+    base = _base(steps, device)
     methods = default_methods(base)
     default = default_name(base)
     if override:
@@ -69,7 +74,7 @@ def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, Lea
 
 def calibration_methods(steps: int, device: str) -> dict[str, LearnConfig | str]:
     methods = recipe_methods(steps, device)
-    name = default_name(LearnConfig(steps=steps, device=device, calibration="none"))
+    name = default_name(_base(steps, device))
     return {f"{name}, calibrated": replace(methods[name], calibration=LearnConfig().calibration)}
 
 

@@ -298,8 +298,9 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     else:
         pair_t = torch.as_tensor(pairs, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    batch = min(cfg.batch_size, len(x_all) if pairs is None else len(pairs))
-    exact = cfg.tol > 0 and batch == (len(x_all) if pairs is None else len(pairs))  # each loss the objective
+    items = len(x_all) if pairs is None else len(pairs)
+    batch = min(cfg.batch_size, items)
+    exact = cfg.tol > 0 and batch == items  # each step's loss is the objective itself
     best, stale, stopped = math.inf, 0, None
     losses: list[float] = []
     before = metric(merger.predict(alpha.detach(), pixels))
@@ -340,12 +341,10 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
                 stopped = step + 1
                 break
     alpha_full = _full(alpha.detach(), cfg, n, L)
-    if stopped is not None:  # converged: α stays where it is at every later step asked for
-        alpha_at.update({s: alpha_full for s in checkpoints if s >= stopped})
-        if on_step:
-            on_step(last - stopped)
-    if last in checkpoints:
-        alpha_at[last] = alpha_full
+    reached = last if stopped is None else stopped
+    alpha_at.update({s: alpha_full for s in checkpoints if s >= reached})  # a converged α stays where it is
+    if on_step and reached < last:
+        on_step(last - reached)
     after = metric(merger.predict(alpha_full, pixels))
     return {
         "alpha": alpha_full,
