@@ -17,8 +17,9 @@ its SROCC equals the recipe kind's default (the same final fit).
     python benchmarks/at_scale.py ... --plan "calibration:10:seed0,seed1;select:10:seed0,seed1" --selections active+fit
     python benchmarks/at_scale.py ... --plan "recipe:10:seed0" --override "mix_temperature=0.05"
 
-Runs before the default became ``init=mixes;anchor=31.62;anchor_power=3`` used
-``init=adaptive;anchor=10;anchor_power=1.5``: add those to ``--override`` to rerun them.
+Runs before the default became ``init=mixes;anchor=23.71;anchor_power=4`` used
+``init=mixes;anchor=31.62;anchor_power=3``, and before that ``init=adaptive;anchor=10;anchor_power=1.5``:
+add those to ``--override`` to rerun them.
 
 writes ``<set>-<kind>.json`` (evaluate's result format, plus ``complete_trials``) and prints the tables.
 """
@@ -68,7 +69,8 @@ def recipe_methods(steps: int, device: str, override: str = "") -> dict[str, Lea
     default = default_name(base)
     if override:
         fields = {k: _parse(getattr(base, k), v) for k, v in (kv.split("=", 1) for kv in override.split(";"))}
-        return {f"{default}, {override}": replace(methods[default], **fields)}
+        changed = replace(methods[default], **fields)
+        return {f"{default_name(changed)}, {override}": changed}  # named for what runs, not for today's default
     return {k: v for k, v in methods.items() if k in KEEP or k == default}
 
 

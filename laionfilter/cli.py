@@ -308,8 +308,8 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--lr", type=float, default=1e-2, help="Start of the cosine schedule (ends at lr/10).")
 @click.option("--batch-size", type=int, default=32)
 @click.option("--anchor", type=float,
-              help="Beyond the paper: a penalty (anchor / support size)^3 keeping the coefficients near their start "
-                   "[default: 31.62: weight 32 at 10 ratings, 0.03 at 100]; 0 (with --init adaptive) is the paper's "
+              help="Beyond the paper: a penalty (anchor / support size)^4 keeping the coefficients near their start "
+                   "[default: 23.71: weight 32 at 10 ratings, 0.003 at 100]; 0 (with --init adaptive) is the paper's "
                    "recipe.")
 @click.option("--calibration", type=click.Choice(["linear", "isotonic", "none"]), default="linear", show_default=True,
               help="Map from score to the user's own rating scale (score writes it as <profile>_rating), fitted on "
