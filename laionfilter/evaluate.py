@@ -25,7 +25,7 @@ from .errors import LaionfilterError
 from .calibrate import KINDS, fit_calibration
 from .learn import LearnConfig, Merger, fit_recipe, learning_threads, pair_agreement
 from .log import note
-from .metrics import srocc
+from .metrics import ranks_anything, srocc
 from .model import eval_transform, pick_device
 from .ratings import Support, read_ratings
 
@@ -129,7 +129,7 @@ def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, m
     sup_idx, test_idx, trial_seed = support_split(n_items, seed, u_index, k, trial)
     if sup.pairs is None:  # K rated images; the rest are the test set
         y_sup = sup.scores[sup_idx]
-        if len(set(y_sup.tolist())) < 2:
+        if not ranks_anything(y_sup):
             note(f"user {sup.user!r} trial {trial}: {k} support images with a single score; skipped")
             return []
         on_support = lambda pred: srocc(y_sup, pred[sup_idx])  # noqa: E731

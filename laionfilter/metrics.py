@@ -7,6 +7,11 @@ import math
 import numpy as np
 
 
+def ranks_anything(scores) -> bool:
+    """Whether the scores order anything: two different values at least (a rank loss and SROCC need them)."""
+    return len(set(np.asarray(scores).ravel().tolist())) > 1
+
+
 def _correlation(stat, y_true, y_pred) -> float:
     """``stat``'s coefficient; 0 where either side is constant (no ranking or trend to agree with)."""
     a, b = np.asarray(y_true, dtype=np.float64), np.asarray(y_pred, dtype=np.float64)

@@ -22,6 +22,7 @@ import torch
 from .errors import LaionfilterError
 from .images import ImageDecodeError
 from .log import note
+from .metrics import ranks_anything
 from .names import check_distinct, check_name, is_plain_name
 from .safefiles import file_sha256
 from .tables import read_table, require_columns, resolve_path
@@ -185,8 +186,7 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
     for u in dict.fromkeys(users):
         if not u:
             continue
-        distinct = {scores[i] for rows in by_user.get(u, {}).values() for i in rows}
-        if len(distinct) < 2:
+        if not ranks_anything([scores[i] for rows in by_user.get(u, {}).values() for i in rows]):
             rows = [i + 2 for i, x in enumerate(users) if x == u]
             shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
             problems.append(f"user {u!r} (rows {shown}): fewer than two distinct valid scores; nothing to rank")

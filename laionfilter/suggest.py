@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .metrics import ranks_anything
+
 
 def rank_normalise(preds: np.ndarray) -> np.ndarray:
     """[n tasks, N images] → each task's ranks scaled to [0, 1] (ties share their mean rank)."""
@@ -65,7 +67,7 @@ def fit_predictions(merger, rated_pixels, rated_scores: np.ndarray, cfg, pixels)
 
 
 def can_fit(scores: np.ndarray) -> bool:
-    return len(scores) >= MIN_RATINGS and len(set(np.asarray(scores).tolist())) > 1
+    return len(scores) >= MIN_RATINGS and ranks_anything(scores)
 
 
 def task_predictions_of(items, bank, device: str = "auto", merger=None) -> tuple[np.ndarray, list[int], torch.Tensor]:
