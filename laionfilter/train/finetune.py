@@ -218,7 +218,9 @@ def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, resume
         model.train()
         if head_only:
             model.visual.eval()
-        batches = _batches(train, sc.batch_size, cfg.workers, cfg.seed * 7 + idx * 1_000_003 + first, device.type == "cuda")
+        stage_seed = cfg.seed * 7 + idx * 1_000_003 + first
+        batches = _batches(train, sc.batch_size, cfg.workers, stage_seed, device.type == "cuda")
+        torch.manual_seed(stage_seed)  # the head's dropout draws from the global generator: same seed, same task
         bar = tqdm(range(first, sc.steps), desc=f"{cfg.task_name()} {stage}", unit="step", disable=not progress,
                    initial=first, total=sc.steps)
         losses = []
