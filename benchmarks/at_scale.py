@@ -45,7 +45,7 @@ from personalize import simulate_users  # noqa: E402 (the benchmark's simulated 
 
 from laionfilter.evaluate import (BEST_SINGLE, ZERO_SHOT, default_methods, default_name, markdown_table,  # noqa: E402
                                   selection_runs, split_runs, summarise)
-from laionfilter.learn import LearnConfig  # noqa: E402
+from laionfilter.recipe import LearnConfig  # noqa: E402
 from laionfilter.safefiles import write_json  # noqa: E402
 
 KEEP = (ZERO_SHOT, BEST_SINGLE, "merged at init (adaptive, 0 steps)", "learned, adaptive init (the paper)")

@@ -22,7 +22,7 @@ import numpy as np
 
 from laionfilter.evaluate import (default_methods, evaluate, markdown_table, plot_per_user, tune_methods,
                                   with_steps_from)
-from laionfilter.learn import LearnConfig
+from laionfilter.recipe import LearnConfig
 from laionfilter.safefiles import write_json
 from laionfilter.bank import resolve_bank
 from laionfilter.train.starter import GREY, PHOTOS, degrade, load_photo, random_crop

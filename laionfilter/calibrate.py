@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LaionfilterError
-
-KINDS = ("linear", "isotonic")
+from .recipe import CALIBRATIONS
 
 
 @dataclass(frozen=True)
@@ -50,7 +49,7 @@ class Calibration:
     def from_json(cls, d: dict[str, Any], source: str = "profile") -> Calibration:
         try:
             kind = d["kind"]
-            if kind not in KINDS:
+            if kind not in CALIBRATIONS:
                 raise ValueError(f"kind {kind!r}")
             cal = cls(kind=kind, low=float(d["low"]), high=float(d["high"]), slope=float(d.get("slope", 0.0)),
                       intercept=float(d.get("intercept", 0.0)), x=tuple(map(float, d.get("x", ()))),
@@ -67,8 +66,8 @@ class Calibration:
 
 def fit_calibration(pred: np.ndarray, ratings: np.ndarray, kind: str = "isotonic") -> Calibration:
     """The monotone map from ``pred`` (out-of-fold model scores) to ``ratings``."""
-    if kind not in KINDS:
-        raise LaionfilterError(f"calibration must be one of {', '.join(KINDS)} or none, not {kind!r}")
+    if kind not in CALIBRATIONS:
+        raise LaionfilterError(f"calibration must be one of {', '.join(CALIBRATIONS)} or none, not {kind!r}")
     x, y = np.asarray(pred, dtype=np.float64), np.asarray(ratings, dtype=np.float64)
     low, high = float(y.min()), float(y.max())
     if kind == "linear":

@@ -10,6 +10,9 @@ import time
 import click
 
 from .errors import LaionfilterError
+from .recipe import CALIBRATIONS, INITS, LOSSES, LearnConfig
+
+RECIPE = LearnConfig()  # every learning default, in one place (recipe.py imports no torch)
 
 
 def _echo_json(obj) -> None:
@@ -215,7 +218,7 @@ def bank_info_cmd(bank_path, as_json, plot):
                    "(5 fits more, and no better at 10 shots: see the README).")
 @click.option("--n", "count", type=int, default=10, help="How many images to suggest.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write them as a CSV (image, empty score) to fill in.")
-@click.option("--steps", type=int, default=500, help="--by fit: learning steps of each fit (learn's default).")
+@click.option("--steps", type=int, default=RECIPE.steps, show_default=True, help="--by fit: learning steps of each fit.")
 @device_option()
 def suggest(source, bank_path, ratings, by, count, out, steps, device):
     """Suggest the images of SOURCE whose ratings would tell the most (where the task models, or with
@@ -228,7 +231,6 @@ def suggest(source, bank_path, ratings, by, count, out, steps, device):
     from pathlib import Path
 
     from .bank import resolve_bank
-    from .learn import LearnConfig
     from .rate import collect_images
     from .suggest import suggest as run
 
@@ -292,32 +294,35 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--out", required=True, type=click.Path(),
               help="Profile file, or a folder (one profile per user) when the ratings have a user column.")
 @click.option("--shards", help="WebDataset shards in which the ratings' image column names sample keys.")
-@click.option("--init", type=click.Choice(["adaptive", "uniform", "best-fit", "mixes"]), default="mixes", show_default=True,
+@click.option("--init", type=click.Choice(INITS), default=RECIPE.init, show_default=True,
               help="Coefficient initialisation: softmax(SROCC/T) over the tasks (adaptive, the paper's), uniform "
                    "(T→∞), best task (T→0), or mixes: softmax(SROCC/T) over candidate merges (each task, each "
                    "pair averaged, each task less half another).")
 @click.option("--temperature", type=float,
-              help="T of the initialisation's softmax [default: 1, the paper's, for adaptive; 0.1 for mixes].")
-@click.option("--loss", type=click.Choice(["bt", "mse"]), default="bt", help="Bradley–Terry rank loss or MSE.")
+              help=f"T of the initialisation's softmax [default: {RECIPE.temperature:g}, the paper's, for adaptive; "
+                   f"{RECIPE.mix_temperature:g} for mixes].")
+@click.option("--loss", type=click.Choice(LOSSES), default=RECIPE.loss, show_default=True,
+              help="Bradley–Terry rank loss or MSE.")
 @click.option("--layer-agnostic", is_flag=True, help="One coefficient per task instead of per task and layer.")
-@click.option("--tune", default="all", show_default=True,
+@click.option("--tune", default=RECIPE.tune, show_default=True,
               help="Layers whose coefficients are learned: all (the paper), top-N (the last N blocks and the head) "
                    "or head; the others are fixed to 1/n, shared by every user, so scoring runs them once for all "
                    "such profiles.")
-@click.option("--steps", type=int, default=500)
-@click.option("--lr", type=float, default=1e-2, help="Start of the cosine schedule (ends at lr/10).")
-@click.option("--batch-size", type=int, default=32)
-@click.option("--anchor", type=float,
-              help="Beyond the paper: a penalty (anchor / support size)^4 keeping the coefficients near their start "
-                   "[default: 23.71: weight 32 at 10 ratings, 0.003 at 100]; 0 (with --init adaptive) is the paper's "
+@click.option("--steps", type=int, default=RECIPE.steps, show_default=True)
+@click.option("--lr", type=float, default=RECIPE.lr, show_default=True, help="Start of the cosine schedule (ends at lr/10).")
+@click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True)
+@click.option("--anchor", type=float, default=RECIPE.anchor, show_default=True,
+              help=f"Beyond the paper: a penalty (anchor / support size)^{RECIPE.anchor_power:g} keeping the coefficients "
+                   f"near their start (by default weight {(RECIPE.anchor / 10) ** RECIPE.anchor_power:.2g} at 10 ratings, "
+                   f"{(RECIPE.anchor / 100) ** RECIPE.anchor_power:.1g} at 100); 0 (with --init adaptive) is the paper's "
                    "recipe.")
-@click.option("--calibration", type=click.Choice(["linear", "isotonic", "none"]), default="linear", show_default=True,
+@click.option("--calibration", type=click.Choice([*CALIBRATIONS, "none"]), default=RECIPE.calibration, show_default=True,
               help="Map from score to the user's own rating scale (score writes it as <profile>_rating), fitted on "
                    "out-of-fold predictions: costs --folds extra fits.")
-@click.option("--folds", type=int, default=5, show_default=True, help="Folds of the out-of-fold predictions.")
+@click.option("--folds", type=int, default=RECIPE.folds, show_default=True, help="Folds of the out-of-fold predictions.")
 @click.option("--steps-from", help="Candidate step counts, e.g. 0,100,500: the support set's out-of-fold SROCC "
                                    "chooses one (the final fit stops there).")
-@click.option("--tol", type=float, default=1e-4, show_default=True,
+@click.option("--tol", type=float, default=RECIPE.tol, show_default=True,
               help="Beyond the paper: where every step sees the whole support set (no more ratings than "
                    "--batch-size), stop once the loss has not fallen by this much for 25 steps; 0 trains every step "
                    "(the paper).")
@@ -332,7 +337,6 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     Example:
       laionfilter learn alice.csv --bank starter --out alice.profile
     """
-    from .learn import LearnConfig
     from .profile import learn_profiles
     from .bank import resolve_bank
 
@@ -340,7 +344,7 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     cfg = LearnConfig(init=init, loss=loss, layer_agnostic=layer_agnostic, tune=tune, steps=steps,
                       batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration, folds=folds,
                       steps_from=_int_list(steps_from, "--steps-from"), tol=tol,
-                      **({} if anchor is None else {"anchor": anchor}), **kw)
+                      anchor=anchor, **kw)
     for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
         m = profile.meta
         oof = m.get("out_of_fold")
@@ -398,7 +402,7 @@ def inspect(profile_path, as_json, plot):
 @bank_option()
 @click.option("--shots", default="10,100", help="Support-set sizes K, comma-separated.")
 @click.option("--trials", type=int, default=10, help="Random support/test splits per user and K.")
-@click.option("--steps", type=int, default=500, help="Learning steps of the learned methods.")
+@click.option("--steps", type=int, default=RECIPE.steps, show_default=True, help="Learning steps of the learned methods.")
 @click.option("--tune", "tunes", help="Compare the default recipe learned with these --tune values (e.g. all,top-2,head) "
                                       "instead of the paper's ablations.")
 @click.option("--select", "selections", help="Compare ways of choosing the K images to rate (random,active,active+fit), "
@@ -421,7 +425,6 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_fr
     """
     from .evaluate import (default_methods, evaluate as run, evaluate_selection, markdown_table, plot_per_user,
                            tune_methods, with_steps_from)
-    from .learn import LearnConfig
     from .safefiles import write_json
     from .bank import resolve_bank
 
@@ -667,7 +670,7 @@ def guidance(scores, profiles, out, top, bottom, pairs, margin, group_by, seed):
 
 @cli.command()
 @click.option("--out", default="laionfilter-demo", type=click.Path(file_okay=False), help="Folder for everything it makes.")
-@click.option("--steps", type=int, default=500, help="Learning steps (the paper's 500).")
+@click.option("--steps", type=int, default=RECIPE.steps, show_default=True, help="Learning steps.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo's outputs in OUT.")
 def demo(out, steps, overwrite):
     """Run learn → score → select → guidance → DuckDB on the starter bank and bundled examples.

@@ -79,7 +79,7 @@ def write_example_shards(folder: Path, shards: int = 4, per_shard: int = 48, see
 def run_demo(out: str | Path, steps: int = 500, echo: Callable[[str], Any] = print, progress: bool = True,
              overwrite: bool = False) -> dict[str, Path]:
     from .guidance import guidance_sets
-    from .learn import LearnConfig
+    from .recipe import LearnConfig
     from .profile import learn_profiles
     from .query import query, select, write_table
     from .score import ScoreConfig, score_shards

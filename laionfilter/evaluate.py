@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 
 from .bank import Bank
 from .errors import LaionfilterError
-from .calibrate import KINDS, fit_calibration
-from .learn import LearnConfig, Merger, fit_recipe, learning_threads, pair_agreement
+from .calibrate import fit_calibration
+from .learn import Merger, fit_recipe, learning_threads, pair_agreement
 from .log import note
 from .metrics import ranks_anything, srocc
 from .model import eval_transform, pick_device
 from .ratings import Support, read_ratings
+from .recipe import CALIBRATIONS, LearnConfig
 
 ZERO_SHOT = "zero-shot ensemble"
 SELECTIONS = ("random", "active", "active+fit")
@@ -173,7 +174,7 @@ def rating_errors(oof: np.ndarray, y_support: np.ndarray, pred_test: np.ndarray,
     """Mean absolute error of ratings on the test images: each calibration kind fitted on the support
     set's out-of-fold scores, and two baselines: the test scores' min–max mapped onto the support set's
     rating range, and the support set's mean rating for every image."""
-    out = {kind: float(np.mean(np.abs(fit_calibration(oof, y_support, kind)(pred_test) - y_test))) for kind in KINDS}
+    out = {kind: float(np.mean(np.abs(fit_calibration(oof, y_support, kind)(pred_test) - y_test))) for kind in CALIBRATIONS}
     low, high, span = y_support.min(), y_support.max(), np.ptp(pred_test)
     minmax = low + (high - low) * (pred_test - pred_test.min()) / span if span > 0 else np.full_like(pred_test, (low + high) / 2)
     out["min-max"] = float(np.mean(np.abs(minmax - y_test)))

@@ -19,12 +19,14 @@ from .bank import Bank, find_bank
 from .errors import LaionfilterError
 from .formats import PROFILE_FORMAT, validate
 from .calibrate import Calibration
-from .learn import LearnConfig, Merger, fit_recipe, learn_device, learning_threads
+from .learn import Merger, fit_recipe, learn_device, learning_threads
 from .log import note
 from .model import ScoreModel, eval_transform
 from .names import check_name, child_path
 from .ratings import read_ratings
+from .recipe import LearnConfig
 from .safefiles import read_safetensors, write_safetensors
+
 
 @dataclass
 class Profile:

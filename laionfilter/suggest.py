@@ -131,7 +131,8 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
     import csv
 
     from .errors import LaionfilterError
-    from .learn import LearnConfig, Merger, learning_threads
+    from .learn import Merger, learning_threads
+    from .recipe import LearnConfig
     from .log import note
     from .model import pick_device
 

@@ -84,7 +84,7 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def profiles(small_bank, ratings_csv, tmp_path_factory) -> list[Path]:
     """alice.profile and bob.profile, learned briefly on the small bank."""
-    from laionfilter.learn import LearnConfig
+    from laionfilter.recipe import LearnConfig
     from laionfilter.profile import learn_profiles
 
     root = tmp_path_factory.mktemp("profiles")

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from laionfilter.cli import cli
 from laionfilter.evaluate import (BEST_SINGLE, ZERO_SHOT, default_methods, evaluate, markdown_table, split_runs,
                                   summarise)
-from laionfilter.learn import LearnConfig
+from laionfilter.recipe import LearnConfig
 from laionfilter.metrics import srocc
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
 from laionfilter.images import ImageDecodeError, Preprocessor, decode
-from laionfilter.learn import LearnConfig
+from laionfilter.recipe import LearnConfig
 from laionfilter.names import check_name, child_path
 from laionfilter.profile import learn_profiles, load_profile
 from laionfilter.score import ScoreConfig, score_shards

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from laionfilter.errors import LaionfilterError
-from laionfilter.learn import LearnConfig
+from laionfilter.recipe import LearnConfig
 from laionfilter.profile import learn_profiles
 from laionfilter.rate import Session, collect_images, serve
 

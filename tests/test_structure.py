@@ -3,7 +3,6 @@
 import ast
 from pathlib import Path
 
-import click
 
 import laionfilter
 from laionfilter.cli import cli
@@ -79,11 +78,30 @@ def test_the_readme_module_table_lists_every_module():
     assert {m for m in listed if m != "web"} - modules == set(), "the README's module table names modules that do not exist"
 
 
-def test_the_cli_offers_the_library_s_choices():
-    # the CLI spells its choices out so that `laionfilter --help` need not import torch; they must not drift
-    from laionfilter.calibrate import KINDS
-    from laionfilter.learn import INITS
+def test_the_cli_takes_learn_s_defaults_and_choices_from_the_recipe():
+    from dataclasses import fields
+
+    from laionfilter.recipe import CALIBRATIONS, INITS, LearnConfig
+
     learn = cli.commands["learn"]
-    choices = {p.name: list(p.type.choices) for p in learn.params if isinstance(p.type, click.Choice)}
-    assert choices["init"] == list(INITS)
-    assert choices["calibration"] == [*KINDS, "none"]
+    params = {p.name: p for p in learn.params}
+    # --temperature has no default of its own (it sets the start's temperature, whichever --init), and
+    # --steps-from is a list in text
+    shared = [f.name for f in fields(LearnConfig) if f.name in params and f.name not in ("temperature", "steps_from")]
+    assert {"init", "steps", "lr", "anchor", "calibration", "folds", "tol"} <= set(shared)
+    for name in shared:
+        if not params[name].is_flag:  # a flag is off unless given, as the config's booleans are
+            assert params[name].default == getattr(LearnConfig(), name), name
+    assert list(params["init"].type.choices) == list(INITS)
+    assert list(params["calibration"].type.choices) == [*CALIBRATIONS, "none"]
+
+
+def test_the_command_line_loads_without_torch():
+    # `laionfilter --help` and a typo's error should not wait for torch (seconds): the defaults come from
+    # recipe.py, which imports none of it.
+    import subprocess
+    import sys
+
+    code = "import sys, laionfilter.cli; print(sorted(m for m in ('torch', 'numpy', 'open_clip') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -69,7 +69,7 @@ def test_rate_active_order_starts_with_the_suggested_images(photos, tmp_path):
 def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table, small_bank, monkeypatch):
     import laionfilter.suggest
     from laionfilter.evaluate import SELECTIONS, evaluate_selection
-    from laionfilter.learn import LearnConfig
+    from laionfilter.recipe import LearnConfig
 
     real, fitted = laionfilter.suggest.fit_predictions, []
     monkeypatch.setattr(laionfilter.suggest, "fit_predictions", lambda *a: fitted.append(1) or real(*a))
