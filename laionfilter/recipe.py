@@ -20,7 +20,7 @@ LOSSES = ("bt", "mse")
 @dataclass(frozen=True)
 class LearnConfig:
     # adaptive: softmax(SROCC/T) (the paper); uniform: T → ∞; best-fit: T → 0; mixes (beyond the paper,
-    # the default): softmax over candidate merges, see mixes(). Chosen on the benchmark's first user set
+    # the default): softmax over candidate merges, see learn.mixes(). Chosen on the benchmark's first user set
     # at 10 shots, where an untrained mixes start beat the best single task by +0.03 (README).
     init: str = "mixes"
     temperature: float = 1.0
