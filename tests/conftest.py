@@ -12,21 +12,25 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from laionfilter.train.finetune import FinetuneConfig, StageConfig, finetune  # noqa: E402
-from laionfilter.train.starter import StarterConfig, make_database  # noqa: E402
-
+# The package (and with it torch and open_clip, seconds to import) is imported inside the fixtures: under
+# pytest-xdist the controller process loads this file too, and it runs no test.
 TINY = "lf-tiny-vit"
-SMALL = StarterConfig(train_crops=96, val_crops=48)
 
 
 @pytest.fixture(scope="session")
 def databases(tmp_path_factory) -> dict[str, Path]:
     """Small real-photo databases (sharpness, noise, colourfulness) written by the starter's generator."""
+    from laionfilter.train.starter import StarterConfig, make_database
+
     root = tmp_path_factory.mktemp("databases")
-    return {c: make_database(c, root, SMALL, 64) for c in ("sharpness", "noise", "colourfulness")}
+    small = StarterConfig(train_crops=96, val_crops=48)
+    return {c: make_database(c, root, small, 64) for c in ("sharpness", "noise", "colourfulness")}
 
 
-def quick_config(database: Path, name: str, **kw) -> FinetuneConfig:
+def quick_config(database: Path, name: str, **kw):
+    """A FinetuneConfig of 20 head and 20 backbone steps on the tiny ViT, on the CPU."""
+    from laionfilter.train.finetune import FinetuneConfig, StageConfig
+
     base = dict(database=str(database), base=TINY, name=name, device="cpu", workers=0, checkpoint_every=0,
                 head=StageConfig(20, 32, 3e-3, 3e-4), backbone=StageConfig(20, 16, 1e-3, 1e-4), val_batch_size=64)
     base.update(kw)
@@ -36,6 +40,8 @@ def quick_config(database: Path, name: str, **kw) -> FinetuneConfig:
 @pytest.fixture(scope="session")
 def tasks(tmp_path_factory, databases) -> list[Path]:
     """Three task checkpoints fine-tuned briefly from one random tiny base."""
+    from laionfilter.train.finetune import finetune
+
     root = tmp_path_factory.mktemp("tasks")
     out = []
     for name, db in databases.items():
