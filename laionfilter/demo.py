@@ -87,7 +87,8 @@ def run_demo(out: str | Path, steps: int = 500, echo: Callable[[str], Any] = pri
 
     out = Path(out)
     paths = {"ratings": out / "ratings" / "ratings.csv", "shards": out / "shards", "profile": out / "alice.profile",
-             "scores": out / "scores.parquet", "subset": out / "alice-top20.parquet", "guidance": out / "guidance"}
+             "scores": out / "scores.parquet", "subset": out / "alice-top20.parquet",
+             "four_stars": out / "alice-4-stars.parquet", "guidance": out / "guidance"}
     made = [p for k, p in paths.items() if k != "ratings" and p.exists()]
     if made and not overwrite:  # refuse before replacing anything
         raise LaionfilterError(f"{out}: holds a previous demo's outputs ({', '.join(p.name for p in made)}); "
@@ -107,16 +108,19 @@ def run_demo(out: str | Path, steps: int = 500, echo: Callable[[str], Any] = pri
     s = score_shards(str(paths["shards"]), [paths["profile"]], paths["scores"], bank=bank,
                      cfg=ScoreConfig(workers=2, batch_size=64, overwrite=overwrite), progress=progress)
     echo(f"4. scored {s['scored']} images in {s['done'] + s['skipped']} shards: {paths['scores']}")
-    echo("   (scores are on the bank's 1–10 scale, not alice's 1–5 stars: they rank images for her, and "
-         "are not yet calibrated to her stars)")
+    echo("   (column alice ranks them for her; alice_rating is the 1–5 stars she would give, mapped from "
+         "out-of-fold fits of her ratings)")
     write_table(select(paths["scores"], "alice", top=20), paths["subset"])
-    echo(f"5. alice's top 20, ready for img2dataset (url, caption): {paths['subset']}")
+    liked = select(paths["scores"], "alice", min_rating=4)
+    write_table(liked, paths["four_stars"])
+    echo(f"5. alice's top 20, ready for img2dataset (url, caption): {paths['subset']}\n"
+         f"   and the {liked.num_rows} images she would give 4 stars or more: {paths['four_stars']}")
     g = guidance_sets(paths["scores"], paths["guidance"], ["alice"], top=20, bottom=20, pairs=100, margin=1.0)
     echo(f"6. guidance sets ({g['alice']['exemplars']} exemplars, {g['alice']['negatives']} negatives, "
          f"{g['alice']['pairs']} preference pairs): {paths['guidance'] / 'alice'}")
     t = query(paths["scores"], "SELECT split_part(caption, ' of ', 2) AS subject, count(*) AS images, "
-                               "round(avg(alice), 2) AS mean_score FROM scores WHERE status = 'ok' "
-                               "GROUP BY subject ORDER BY mean_score DESC")
-    echo("7. DuckDB: alice's mean score per subject\n" + "\n".join(
-        f"   {r['subject']:<10} {r['images']:>4} images  {r['mean_score']:.2f}" for r in t.to_pylist()))
+                               "round(avg(alice_rating), 1) AS stars FROM scores WHERE status = 'ok' "
+                               "GROUP BY subject ORDER BY avg(alice) DESC")
+    echo("7. DuckDB: alice's mean stars per subject\n" + "\n".join(
+        f"   {r['subject']:<10} {r['images']:>4} images  {r['stars']:.1f} stars" for r in t.to_pylist()))
     return paths

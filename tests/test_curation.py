@@ -169,7 +169,11 @@ def test_demo_runs_end_to_end(tmp_path):
     for n in range(1, 8):
         assert f"{n}. " in text
     assert pq.read_table(paths["subset"]).num_rows == 20
-    rows = duck(paths["scores"], "SELECT count(*), count(alice) FROM scores")
-    assert rows == [(192, 192)]
+    rows = duck(paths["scores"], "SELECT count(*), count(alice), count(alice_rating) FROM scores")
+    assert rows == [(192, 192, 192)]
+    # the 4-star subset is what her calibrated rating says she would give 4 stars or more
+    [(liked,)] = duck(paths["scores"], "SELECT count(*) FROM scores WHERE alice_rating >= 4")
+    assert 0 < liked < 192 and pq.read_table(paths["four_stars"]).num_rows == liked
+    assert f"the {liked} images she would give 4 stars or more" in text
     assert (paths["guidance"] / "alice" / "pairs.parquet").exists()
     assert json.loads((paths["scores"] / "_manifest.json").read_text())["profiles"][0]["name"] == "alice"
