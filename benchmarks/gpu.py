@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from score import decode_only, decoded_pixels, make_shards, profiles_for, random_bank  # noqa: E402
 
 from laionfilter.bank import resolve_bank  # noqa: E402
-from laionfilter.learn import LearnConfig, Merger, fit  # noqa: E402
+from laionfilter.learn import Merger, fit  # noqa: E402
+from laionfilter.recipe import LearnConfig  # noqa: E402
 from laionfilter.metrics import srocc  # noqa: E402
 from laionfilter.model import autocast, build_architecture  # noqa: E402
 from laionfilter.profile import load_profile  # noqa: E402

@@ -26,7 +26,8 @@ threads = int(sys.argv[1])
 if threads:
     torch.set_num_threads(threads)
 from laionfilter.bank import resolve_bank
-from laionfilter.learn import LearnConfig, Merger, fit
+from laionfilter.learn import Merger, fit
+from laionfilter.recipe import LearnConfig
 bank = resolve_bank("starter")
 g = torch.Generator().manual_seed(0)
 pixels = torch.randn(10, 3, 64, 64, generator=g)

@@ -8,11 +8,11 @@ from click.testing import CliRunner
 
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
-from laionfilter.learn import (LearnConfig, Merger, anchor_penalty, bradley_terry_loss, fit, fold_fits, init_coefficients,
-                              mixes)
+from laionfilter.learn import Merger, anchor_penalty, bradley_terry_loss, fit, fold_fits, init_coefficients, mixes
 from laionfilter.merge import merge_weights
 from laionfilter.model import eval_transform
 from laionfilter.profile import learn_profiles, load_profile
+from laionfilter.recipe import LearnConfig
 from laionfilter.metrics import srocc
 from laionfilter.ratings import read_ratings
 

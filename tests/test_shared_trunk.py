@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from laionfilter.learn import LearnConfig, tuned_layers
+from laionfilter.learn import tuned_layers
+from laionfilter.recipe import LearnConfig
 from laionfilter.model import layer_stage
 from laionfilter.profile import learn_profiles
 from laionfilter.score import ScoreConfig, score_shards

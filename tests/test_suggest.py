@@ -101,7 +101,8 @@ def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table
 def test_the_fits_that_choose_are_the_out_of_fold_fits(users_table, small_bank):
     import torch
 
-    from laionfilter.learn import LearnConfig, Merger, fold_fits, out_of_fold
+    from laionfilter.learn import Merger, fold_fits, out_of_fold
+    from laionfilter.recipe import LearnConfig
     from laionfilter.model import eval_transform
     from laionfilter.ratings import read_ratings
     from laionfilter.suggest import fit_predictions
