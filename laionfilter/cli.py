@@ -324,8 +324,8 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
                                    "chooses one (the final fit stops there).")
 @click.option("--tol", type=float, default=RECIPE.tol, show_default=True,
               help="Beyond the paper: where every step sees the whole support set (no more ratings than "
-                   f"--batch-size), stop once the loss has not fallen by this much for {RECIPE.patience} steps; 0 trains "
-                   "every step (the paper).")
+                   f"--batch-size), stop once the loss has not fallen by this much for {RECIPE.patience} steps and keep "
+                   "the coefficients of the lowest loss; 0 trains every step (the paper).")
 @seed_option()
 @device_option()
 @threads_option

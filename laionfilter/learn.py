@@ -210,7 +210,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     items = len(x_all) if pairs is None else len(pairs)
     batch = min(cfg.batch_size, items)
     exact = cfg.tol > 0 and batch == items  # each step's loss is the objective itself
-    best, stale, stopped = math.inf, 0, None
+    best, stale, stopped, best_alpha = math.inf, 0, None, None
     losses: list[float] = []
     before = metric(merger.predict(alpha.detach(), pixels))
     started = time.time()
@@ -239,16 +239,20 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
             loss = loss + anchor_penalty(alpha, start, cfg.anchor, len(x_all), cfg.anchor_power)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
         losses.append(loss.item())
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
         if exact:
             stale = stale + 1 if losses[-1] > best - cfg.tol else 0
-            best = min(best, losses[-1])
-            if stale >= cfg.patience and step + 1 < last:
-                stopped = step + 1
-                break
+            if losses[-1] < best:  # this loss is the objective at α before the step: keep that α
+                best, best_alpha = losses[-1], alpha.detach().clone()
+        opt.step()
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+        if exact and stale >= cfg.patience and step + 1 < last:
+            # A stiff anchor (a few ratings weigh it hundreds of times) can leave Adam circling above
+            # the start's loss; a fit that stops returns the best α it measured, never a worse one.
+            stopped = step + 1
+            alpha.data.copy_(best_alpha)
+            break
     alpha_full = _full(alpha.detach(), cfg, n, L)
     reached = last if stopped is None else stopped
     alpha_at.update({s: alpha_full for s in checkpoints if s >= reached})  # a converged α stays where it is

@@ -289,6 +289,25 @@ def test_mixes_init_scores_every_candidate_merge_on_the_support(small_bank, rati
     assert not torch.allclose(given[0], given[1])
 
 
+def test_a_fit_that_stops_returns_the_best_alpha_it_measured():
+    """Three ratings weigh the anchor 3,900 times: Adam circles above the start's loss and the fit stops
+    after the patience; it must return the α of its lowest loss, not the last (a worse) one."""
+    from laionfilter.bank import resolve_bank
+    from laionfilter.demo import EXAMPLE
+
+    bank = resolve_bank("starter")
+    merger = Merger(bank, torch.device("cpu"))
+    sup = read_ratings(EXAMPLE / "ratings.csv", eval_transform(bank.architecture)).supports[0]
+    pixels, scores, cfg = sup.pixels[:3], sup.scores[:3], LearnConfig()
+    r = fit(merger, pixels, scores, cfg)
+    curve = r["loss_curve"]
+    assert curve["last"] > curve["min"] and "converged_at" in curve  # it did circle, and stopped
+    pred = merger.forward(merger.state(r["alpha"]), pixels).float()
+    objective = bradley_terry_loss(pred, torch.as_tensor(scores, dtype=torch.float32)) + \
+        anchor_penalty(r["alpha"], r["alpha_init"], cfg.anchor, len(scores), cfg.anchor_power)
+    assert objective.item() == pytest.approx(curve["min"], abs=1e-6)
+
+
 def test_a_fit_that_sees_the_whole_support_each_step_stops_once_its_loss_settles(small_bank, ratings_csv):
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     pixels, scores = sup.pixels[:12], sup.scores[:12]  # each step sees all 12 (batch 32)
