@@ -105,3 +105,15 @@ def test_the_command_line_loads_without_torch():
     code = "import sys, laionfilter.cli; print(sorted(m for m in ('torch', 'numpy', 'open_clip') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_test_suite_s_conftest_loads_without_torch():
+    # Under pytest-xdist the controller process loads conftest.py and runs no test: importing torch there
+    # cost the whole suite about 5 s before any worker started.
+    import subprocess
+    import sys
+
+    code = "import sys, tests.conftest; print(sorted(m for m in ('torch', 'open_clip', 'laionfilter') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    assert out.strip() == "[]"
