@@ -34,7 +34,7 @@ from laionfilter.train.finetune import FinetuneConfig, StageConfig, finetune
 from laionfilter.profile import Profile, PROFILE_FORMAT
 from laionfilter.score import ScoreConfig, score_shards
 from laionfilter.mapper import Batch
-from laionfilter.scorer import ShardBatches, default_workers
+from laionfilter.scorer import ShardBatches, cpu_chunk_for, default_workers
 from laionfilter.bank import resolve_bank
 from laionfilter.train.starter import PHOTOS, load_photo, random_crop
 
@@ -95,7 +95,7 @@ def model_only(bank, profile: Path, pixels: torch.Tensor, batch: int) -> float:
     from laionfilter.profile import load_profile
 
     model = load_profile(profile).model(bank)
-    step = min(batch, ScoreConfig().cpu_chunk)  # the forward size CPU scoring uses
+    step = min(batch, cpu_chunk_for(bank.architecture))  # the forward size CPU scoring uses
     with torch.inference_mode():
         model(pixels[:step])  # warm-up
         t = time.perf_counter()

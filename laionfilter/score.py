@@ -44,9 +44,7 @@ class ScoreConfig:
     rank: int | None = None  # None: from RANK, else 0
     world_size: int | None = None  # None: from WORLD_SIZE, else 1
     prefetch: int = 4  # batches per worker in flight
-    # Images per forward on the CPU: a batch of 256 spills the caches (the tiny ViT on one thread:
-    # 1.8k img/s in chunks of 32, 1.1k in one forward of 256).
-    cpu_chunk: int = 32
+    cpu_chunk: int | None = None  # images per forward on the CPU; None: scorer.cpu_chunk_for the bank
     distributor: str = "local"  # local, or ray: one Ray task per shard
     ray_address: str | None = None  # None: start or join the local Ray instance; "auto": the running cluster
     ray_actors: int | None = None  # None: one per GPU (or CPU) of the cluster

@@ -110,6 +110,27 @@ def group_by_prefix(alphas: list[torch.Tensor], stages: torch.Tensor, n_blocks: 
     return groups + [(0, [i]) for i in left]
 
 
+# A CPU forward holds at most about this much in its largest activation (the MLP's hidden layer or the
+# attention matrices), in images per forward: the tiny ViT's batches of 256 spill the caches (1.8k img/s
+# in forwards of 32, 1.1k in one of 256), and ViT-B-16 runs faster in forwards of 8 than of 32 (295
+# against 367 ms per image on one thread) while peaking about 250 MiB lower (README, "Fixed costs").
+CPU_FORWARD_BYTES = 20 * 2**20
+MAX_CPU_CHUNK = 32
+
+
+def cpu_chunk_for(architecture) -> int:
+    """Images per CPU forward for a ViT of this architecture (``MAX_CPU_CHUNK`` for other towers)."""
+    v = architecture.model_config.get("vision_cfg", {})
+    if not all(k in v for k in ("image_size", "patch_size", "width")):
+        return MAX_CPU_CHUNK
+    size = v["image_size"] if isinstance(v["image_size"], (list, tuple)) else (v["image_size"],) * 2
+    tokens = (size[0] // v["patch_size"]) * (size[1] // v["patch_size"]) + 1
+    hidden = int(v["width"] * v.get("mlp_ratio", 4.0))
+    heads = v["width"] // v.get("head_width", 64)
+    per_image = 4 * tokens * max(hidden, heads * tokens)  # float32 bytes of the larger of the two
+    return max(1, min(MAX_CPU_CHUNK, CPU_FORWARD_BYTES // per_image))
+
+
 class MergedModels:
     """Every profile's merged model on one device, in inference mode; profiles that share their first
     stages (learned with ``--tune top-N`` or ``head``) share one trunk, run once per batch."""
@@ -117,7 +138,8 @@ class MergedModels:
     def __init__(self, profiles: list[tuple[str, Profile]], bank: Bank, device: torch.device, compile: bool = False,
                  cpu_chunk: int | None = None):
         self.device = device
-        self.chunk = cpu_chunk if device.type == "cpu" else None  # images per forward; None: the whole batch
+        # images per forward on the CPU (None: cpu_chunk_for the bank); elsewhere the whole batch
+        self.chunk = (cpu_chunk or cpu_chunk_for(bank.architecture)) if device.type == "cpu" else None
         self.names = [name for name, _ in profiles]
         # A calibrated profile adds its rating column, computed from its score column.
         self.ratings = {name: prof.calibration for name, prof in profiles if prof.calibration is not None}

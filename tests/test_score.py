@@ -58,6 +58,31 @@ def test_two_workers_score_each_sample_once_and_match_the_direct_forward(shards,
     assert n == [(21, 21)]
 
 
+def test_images_per_cpu_forward_follow_the_architecture_and_leave_scores_alone(shards, profiles, small_bank, tmp_path):
+    import open_clip
+
+    from laionfilter.model import Architecture
+    from laionfilter.scorer import MergedModels, cpu_chunk_for
+
+    def vit(name):
+        return Architecture(name, open_clip.get_model_config(name), {})
+
+    # the tiny ViT's activations are small: the cap; ViT-B-16 and ViT-L-14 keep one forward near 20 MiB
+    assert [cpu_chunk_for(a) for a in (small_bank.architecture, vit("ViT-B-16"), vit("ViT-L-14"))] == [32, 8, 4]
+    named = [(c, load_profile(p)) for c, p in zip(("alice", "bob"), profiles)]
+    assert MergedModels(named, small_bank, torch.device("cpu")).chunk == 32
+    assert MergedModels(named, small_bank, torch.device("cpu"), cpu_chunk=3).chunk == 3
+    rows = {}
+    for chunk in (None, 3):
+        out = tmp_path / f"chunk-{chunk}"
+        score_shards(str(shards), profiles, out, bank=small_bank,
+                     cfg=ScoreConfig(workers=0, batch_size=7, device="cpu", cpu_chunk=chunk), progress=False)
+        rows[chunk] = {r["key"]: (r["alice"], r["bob"]) for r in read_scores(out)}
+    assert rows[None].keys() == rows[3].keys() and len(rows[3]) == 21
+    for key, (a, b) in rows[3].items():
+        assert rows[None][key] == pytest.approx((a, b), abs=1e-5)
+
+
 def test_bad_samples_and_broken_shards_get_rows_and_the_run_goes_on(profiles, small_bank, tmp_path):
     src = tmp_path / "shards"
     src.mkdir()
