@@ -498,6 +498,9 @@ def score(shards, profiles, bank_path, out, batch_size, workers, device, compile
                    f"{s['scored']} images scored, {s['failed_samples']} not scored (see the status column); "
                    f"{s['images_per_second']} images/s")
         click.echo("  columns: " + ", ".join(f"{c} ← {p}" for c, p in s["columns"].items()))
+        if s["rating_columns"]:
+            click.echo("  ratings on each user's own scale: " +
+                       ", ".join(f"{r} (of {c})" for r, c in s["rating_columns"].items()))
     for f in s["failed_shards"]:
         click.echo(f"  failed: {f['shard']}: {f['error']}", err=True)
     if distributor == "local":

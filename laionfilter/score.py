@@ -136,7 +136,10 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
     if skipped:
         note(f"{out}: {skipped} shard(s) already done, skipping them")
 
-    summary = {"columns": {column: str(f) for column, _, f in loaded}, "shards": len(mine), "skipped": skipped,
+    summary = {"columns": {column: str(f) for column, _, f in loaded},
+               "rating_columns": {rating_column(column): column for column, prof, _ in loaded
+                                  if prof.calibration is not None},
+               "shards": len(mine), "skipped": skipped,
                "done": 0, "failed": 0, "samples": 0, "scored": 0,
                "failed_samples": 0, "failed_shards": [], "seconds": 0.0,
                "timing": {"plan_s": round(time.time() - planned, 3)}}

@@ -73,6 +73,7 @@ def test_unicode_names_are_kept_whole(small_bank, ratings_csv, tmp_path, shards)
     s = score_shards(str(shards), [tmp_path / "out"], tmp_path / "scores", bank=small_bank,
                      cfg=ScoreConfig(workers=0, device="cpu"), progress=False)
     assert set(s["columns"]) == {"zoë", "花子"}
+    assert s["rating_columns"] == {"zoë_rating": "zoë", "花子_rating": "花子"}  # both learned calibrated
     g = run("guidance", tmp_path / "scores", "--out", tmp_path / "g", "--top", "2", "--bottom", "2", "--pairs", "2",
             "--margin", "0")
     assert g.exit_code == 0, g.output
