@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import LaionfilterError
+from .recipe import LearnConfig
 
 EXAMPLE = Path(__file__).parent / "data" / "example"
 TASTE = {"exposure": 0.4, "warmth": 0.3, "sharpness": 0.3}  # alice's hidden taste, for the record
@@ -76,10 +77,9 @@ def write_example_shards(folder: Path, shards: int = 4, per_shard: int = 48, see
     return folder
 
 
-def run_demo(out: str | Path, steps: int = 500, echo: Callable[[str], Any] = print, progress: bool = True,
+def run_demo(out: str | Path, steps: int = LearnConfig.steps, echo: Callable[[str], Any] = print, progress: bool = True,
              overwrite: bool = False) -> dict[str, Path]:
     from .guidance import guidance_sets
-    from .recipe import LearnConfig
     from .profile import learn_profiles
     from .query import query, select, write_table
     from .score import ScoreConfig, score_shards

@@ -58,9 +58,9 @@ class LearnConfig:
     # Beyond the paper: where every step sees the whole support set (N ≤ batch size, as with ten
     # ratings) the loss is the exact objective, and the fit stops once it has not fallen by ``tol`` for
     # ``patience`` steps (the rule of scikit-learn's tol / n_iter_no_change), keeping the α of its lowest
-    # loss (Keras's restore_best_weights). With the default anchor
-    # ten-rating fits settle long before step 500 (README: one stops at step 66), and stopping them
-    # moved no test SROCC of the benchmark by more than 0.005. 0 trains every step (the paper).
+    # loss (Keras's restore_best_weights). With the default anchor ten-rating fits settle long before
+    # step 500 (README: one stops at step 66), and stopping them moved no test SROCC of the benchmark by
+    # more than 0.005. 0 trains every step (the paper).
     tol: float = 1e-4
     patience: int = 25
 
