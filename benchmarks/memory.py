@@ -7,7 +7,8 @@ Each measurement runs in a fresh process, side by side in one run:
   (b) `score_shards` with one profile on a ViT-B-16 bank (two random tasks; `benchmarks/score.py`'s),
       one process (workers 0, batch 32): its peak resident memory (VmHWM);
   (c) the same with the bank's tensors read whole into memory first, as banks were loaded before
-      they were read layer by layer: what the lazy reading saves.
+      they were read layer by layer: what the lazy reading saves;
+  (d) (b) under glibc's MALLOC_MMAP_THRESHOLD_=1048576: the memory it saves and the speed it costs.
 
     python benchmarks/memory.py --json benchmarks/results/memory.json     # about 3 minutes on 2 cores
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,7 +51,7 @@ if EAGER:
 s = score_shards(SHARDS, [PROFILE], OUT, bank=bank, cfg=ScoreConfig(workers=0, batch_size=32, device="cpu",
                  overwrite=True), progress=False)
 assert s["scored"] == s["samples"] > 0, s
-print(json.dumps({"rss_mib": rss(), "peak_mib": rss("VmHWM")}))
+print(json.dumps({"rss_mib": rss(), "peak_mib": rss("VmHWM"), "images_per_second": s["images_per_second"]}))
 """
 
 PRELUDE = """
@@ -61,10 +63,17 @@ def rss(field="VmRSS"):  # VmHWM: the peak (ru_maxrss would carry the parent's o
 """
 
 
-def measure(code: str, **values) -> dict:
+# glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so activations
+# come from the heap and what they leave stays resident; a fixed threshold returns them at once,
+# at the price of a page fault for every large allocation: the trade-off, measured.
+FIXED_MMAP = "MALLOC_MMAP_THRESHOLD_=1048576"
+
+
+def measure(code: str, env: dict[str, str] | None = None, **values) -> dict:
     for name, value in values.items():
         code = code.replace(name, repr(value))
-    out = subprocess.run([sys.executable, "-c", PRELUDE + code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PRELUDE + code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -79,14 +88,15 @@ def main() -> None:
     common = dict(BANK=str(bank.path), SHARDS=shards, PROFILE=str(profile), OUT=str(tmp / "out"))
     results = {"model alone (VmRSS after one batch)": measure(MODEL_ALONE),
                "score, bank read layer by layer (peak)": measure(SCORE, EAGER=False, **common),
-               "score, bank read whole (peak)": measure(SCORE, EAGER=True, **common)}
+               "score, bank read whole (peak)": measure(SCORE, EAGER=True, **common),
+               f"score, {FIXED_MMAP} (peak)": measure(SCORE, dict([FIXED_MMAP.split("=")]), EAGER=False, **common)}
     alone = results["model alone (VmRSS after one batch)"]
     for label, r in results.items():
         r["peak_over_model_alone_after"] = round(r["peak_mib"] / alone["rss_mib"], 3)
         r["peak_over_model_alone_peak"] = round(r["peak_mib"] / alone["peak_mib"], 3)
-        print(f"{label:42s} peak {r['peak_mib']:7.0f} MiB, after {r['rss_mib']:7.0f} MiB; peak / model alone "
+        print(f"{label:58s} peak {r['peak_mib']:7.0f} MiB, after {r['rss_mib']:7.0f} MiB; peak / model alone "
               f"after its batch {r['peak_over_model_alone_after']:.2f}, / its peak in the batch "
-              f"{r['peak_over_model_alone_peak']:.2f}")
+              f"{r['peak_over_model_alone_peak']:.2f}" + (f"; {r['images_per_second']} img/s" if "images_per_second" in r else ""))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

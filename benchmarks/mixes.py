@@ -11,11 +11,15 @@ splits (``evaluate.support_split``), the test SROCC of each library:
 - ``mixes``: ``learn.mixes``, the pairs and each task less half another
 
 each picked two ways: the best candidate on the support set ("best"), and the softmax-weighted mean of
-the candidates' coefficients at each temperature T ("soft T"), one merged model. The library's
+the candidates' coefficients at each temperature T ("soft T"), one merged model. Two ways of choosing
+from the support set itself can be added (both measured and not taken up, README): ``--bags B``, the
+mixes' softmax weights averaged over B bootstrap resamples of the ratings, and ``--loo``, T chosen per
+user by leave-one-out over the ratings. The library's
 predictions on a user's images are computed once; only the soft picks need one forward per split.
 
     python benchmarks/at_scale.py --users 12 --simulate-only --plan "recipe:10:seed0,seed1,against2" --out at-scale
     python benchmarks/mixes.py --data at-scale --sets seed0 --out mixes-seed0.json  # about 6 min on one core
+    python benchmarks/mixes.py --data at-scale --sets seed0 --temperatures 0.05,0.1,0.2 --bags 50 --loo --out ...
 
 Settings are chosen on the first set (seed0); run the others as held-out checks.
 """
@@ -45,8 +49,10 @@ def libraries(n: int) -> dict[str, np.ndarray]:
 
 
 def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.ndarray, sup: np.ndarray,
-                test: np.ndarray, temperatures: list[float]) -> dict[str, float]:
-    """Test SROCC of each library's best candidate and softmax mean, from the support images ``sup``."""
+                test: np.ndarray, temperatures: list[float], bags: int = 0,
+                loo: bool = False, chosen: list[float] | None = None) -> dict[str, float]:
+    """Test SROCC of each library's best candidate and softmax mean, from the support images ``sup``
+    (``chosen`` collects the temperatures leave-one-out picks)."""
     coef = mixes(merger.bank.n)
     zs = np.array([srocc(y[sup], p[sup]) for p in preds])
     out = {}
@@ -56,6 +62,36 @@ def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.n
             w = np.exp((zs[rows] - zs[rows].max()) / t)
             alpha = torch.tensor((w / w.sum()) @ coef[rows], dtype=torch.float32)
             out[f"{lib}, soft T={t:g}"] = srocc(y[test], merger.predict(alpha, pixels)[test])
+    if bags:
+        # bagging: the softmax weights averaged over bootstrap resamples of the support set
+        rng = np.random.default_rng(len(sup) * 7919 + int(sup.sum()))
+        draws = [d for d in (rng.choice(sup, len(sup)) for _ in range(4 * bags)) if len(set(y[d].tolist())) > 1][:bags]
+        zb = np.array([[srocc(y[d], p[d]) for p in preds] for d in draws])
+        rows = libraries(merger.bank.n)["mixes"]
+        for t in temperatures:
+            w = np.exp((zb[:, rows] - zb[:, rows].max(axis=1, keepdims=True)) / t)
+            w = (w / w.sum(axis=1, keepdims=True)).mean(axis=0)
+            alpha = torch.tensor(w @ coef[rows], dtype=torch.float32)
+            out[f"mixes, bagged T={t:g}"] = srocc(y[test], merger.predict(alpha, pixels)[test])
+    if loo:
+        # T chosen per user by leave-one-out over the support set: each rated image is predicted by the
+        # softmax over the other ratings' SROCC, as the weighted mean of the candidates' standardised
+        # predictions (a proxy for the merge's); the T whose predictions rank the ratings best wins
+        rows = libraries(merger.bank.n)["mixes"]
+        ps = preds[rows][:, sup]
+        ps = (ps - ps.mean(axis=1, keepdims=True)) / (ps.std(axis=1, keepdims=True) + 1e-9)
+        zl = np.array([[srocc(np.delete(y[sup], j), np.delete(p, j)) for p in ps] for j in range(len(sup))])
+        grid = [0.03, 0.05, 0.1, 0.2, 0.5, 1.0]
+        fit = []
+        for t in grid:
+            w = np.exp((zl - zl.max(axis=1, keepdims=True)) / t)
+            w /= w.sum(axis=1, keepdims=True)
+            fit.append(srocc(y[sup], (w * ps.T).sum(axis=1)))
+        t = grid[int(np.argmax(fit))]
+        w = np.exp((zs[rows] - zs[rows].max()) / t)
+        alpha = torch.tensor((w / w.sum()) @ coef[rows], dtype=torch.float32)
+        out["mixes, T by leave-one-out"] = srocc(y[test], merger.predict(alpha, pixels)[test])
+        chosen.append(t)
     return out
 
 
@@ -68,6 +104,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the split seed (at_scale.py's --seed)")
     ap.add_argument("--temperatures", default="0.03,0.05,0.1,0.2")
     ap.add_argument("--bank", default="starter")
+    ap.add_argument("--bags", type=int, default=0, help="also the mixes' softmax averaged over this many bootstrap resamples")
+    ap.add_argument("--loo", action="store_true", help="also the mixes at a T chosen per user by leave-one-out")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -79,14 +117,15 @@ def main() -> None:
         table = args.data / f"data-{name}" / "ratings.csv"
         if not table.exists():
             sys.exit(f"{table}: not found; write the user sets with at_scale.py --simulate-only")
-        runs = []
+        runs, chosen = [], []
         for u, user in enumerate(read_ratings(table, eval_transform(bank.architecture)).supports):
             preds = merger.mix_predictions(user.pixels)
             for trial in range(args.trials):
                 sup, test, _ = support_split(len(user.scores), args.seed, u, args.shots, trial)
                 if len(set(user.scores[sup].tolist())) < 2:
                     continue
-                picks = split_picks(merger, user.pixels, user.scores, preds, sup, test, temperatures)
+                picks = split_picks(merger, user.pixels, user.scores, preds, sup, test, temperatures, args.bags, args.loo,
+                                    chosen)
                 runs += [{"user": user.user, "trial": trial, "method": m, "srocc": v} for m, v in picks.items()]
             print(f"{name}: {user.user} done", flush=True)
         summary = {}
@@ -94,7 +133,7 @@ def main() -> None:
             per_trial = [np.mean([r["srocc"] for r in runs if r["method"] == m and r["trial"] == t])
                          for t in range(args.trials)]
             summary[m] = {"mean": float(np.mean(per_trial)), "std": float(np.std(per_trial, ddof=1))}
-        result["sets"][name] = {"summary": summary, "runs": runs}
+        result["sets"][name] = {"summary": summary, "runs": runs, **({"loo_temperatures": chosen} if chosen else {})}
         base = summary["tasks, best"]["mean"]
         print(f"\n## {name}, {args.shots} shots, {args.trials} trials: mean test SROCC (vs the best single task)\n")
         for m, s in summary.items():
