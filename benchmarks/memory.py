@@ -10,7 +10,7 @@ Each measurement runs in a fresh process, side by side in one run:
       they were read layer by layer: what the lazy reading saves;
   (d) (b) under glibc's MALLOC_MMAP_THRESHOLD_=1048576: the memory it saves and the speed it costs.
 
-    python benchmarks/memory.py --json benchmarks/results/memory.json     # about 3 minutes on 2 cores
+    python benchmarks/memory.py --json benchmarks/results/memory.json     # about 4 minutes on 2 cores
 """
 
 from __future__ import annotations

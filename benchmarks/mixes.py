@@ -91,7 +91,8 @@ def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.n
         w = np.exp((zs[rows] - zs[rows].max()) / t)
         alpha = torch.tensor((w / w.sum()) @ coef[rows], dtype=torch.float32)
         out["mixes, T by leave-one-out"] = srocc(y[test], merger.predict(alpha, pixels)[test])
-        chosen.append(t)
+        if chosen is not None:
+            chosen.append(t)
     return out
 
 
