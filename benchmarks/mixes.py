@@ -11,11 +11,11 @@ splits (``evaluate.support_split``), the test SROCC of each library:
 - ``mixes``: ``learn.mixes``, the pairs and each task less half another
 
 each picked two ways: the best candidate on the support set ("best"), and the softmax-weighted mean of
-the candidates' coefficients at each temperature T ("soft T"), one merged model. Two ways of choosing
-from the support set itself can be added (both measured and not taken up, README): ``--bags B``, the
-mixes' softmax weights averaged over B bootstrap resamples of the ratings, and ``--loo``, T chosen per
-user by leave-one-out over the ratings. The library's
+the candidates' coefficients at each temperature T ("soft T"), one merged model. The library's
 predictions on a user's images are computed once; only the soft picks need one forward per split.
+Two ways of choosing from the support set itself can be added (both measured and not taken up,
+README): ``--bags B``, the mixes' softmax weights averaged over B bootstrap resamples of the ratings
+(seeded by the split), and ``--loo``, T chosen per user by leave-one-out over the ratings.
 
     python benchmarks/at_scale.py --users 12 --simulate-only --plan "recipe:10:seed0,seed1,against2" --out at-scale
     python benchmarks/mixes.py --data at-scale --sets seed0 --out mixes-seed0.json  # about 6 min on one core
