@@ -167,7 +167,7 @@ class Session:
     def _append(self, row: list[str]) -> None:
         new = not self.out.exists() or self.out.stat().st_size == 0
         with open(self.out, "a", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
+            w = csv.writer(f, lineterminator="\n")  # LF: rows appended to a hand-written file match it, and cut/awk see no \r
             if new:
                 w.writerow(self.header)
             w.writerow(row)
@@ -247,7 +247,7 @@ class Session:
             if self.rows:
                 self.rows.pop()
                 buf = io.StringIO()
-                csv.writer(buf).writerows([self.header] + self.rows)
+                csv.writer(buf, lineterminator="\n").writerows([self.header] + self.rows)
                 with atomic_write(self.out) as tmp:  # the file is whole before and after
                     tmp.write_text(buf.getvalue(), encoding="utf-8")
             return self.state()

@@ -158,7 +158,7 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
         from .safefiles import atomic_write
 
         with atomic_write(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
+            w = csv.writer(f, lineterminator="\n")  # LF: rows appended to a hand-written file match it, and cut/awk see no \r
             w.writerow(["image", "score"])
             w.writerows([label, ""] for label in labels)
     return labels

@@ -116,6 +116,7 @@ def test_stars_by_keyboard_resume_and_undo_then_pairs_then_learn(browser, photos
     assert rows(out)[-1][1] == "10" and len(rows(out)) == 7
     press(browser, Keys.BACKSPACE, ready(browser))  # undo the last answer
     assert len(rows(out)) == 6 and browser.find_element("id", "count").text == "6 / 8"
+    assert b"\r" not in out.read_bytes()  # LF line ends, whether rows were appended or rewritten by undo
     run.stop()
 
     pairs_out = tmp_path / "pairs.csv"

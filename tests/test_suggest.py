@@ -40,6 +40,7 @@ def test_suggest_writes_a_file_to_rate_and_skips_what_is_rated(photos, tmp_path,
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "next.csv").read_text().splitlines()
     assert lines[0] == "image,score" and len(lines) == 5
+    assert b"\r" not in (tmp_path / "next.csv").read_bytes()  # LF, as hand-written rating files have
     first = [line.split(",")[0] for line in lines[1:]]
     (tmp_path / "so-far.csv").write_text("image,score\n" + "".join(f"{f},5\n" for f in first))
     r = CliRunner().invoke(cli, ["suggest", str(photos), "--n", "4", "--ratings", str(tmp_path / "so-far.csv"),
