@@ -28,6 +28,7 @@ from .errors import LaionfilterError
 from .log import note
 from .names import check_name
 from .safefiles import atomic_write
+from .tables import answers_writer
 
 WEB = Path(__file__).parent / "web"
 STATIC = {"rate.js": "text/javascript", "rate.css": "text/css"}
@@ -167,7 +168,7 @@ class Session:
     def _append(self, row: list[str]) -> None:
         new = not self.out.exists() or self.out.stat().st_size == 0
         with open(self.out, "a", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")  # LF: rows appended to a hand-written file match it, and cut/awk see no \r
+            w = answers_writer(f)
             if new:
                 w.writerow(self.header)
             w.writerow(row)
@@ -247,7 +248,7 @@ class Session:
             if self.rows:
                 self.rows.pop()
                 buf = io.StringIO()
-                csv.writer(buf, lineterminator="\n").writerows([self.header] + self.rows)
+                answers_writer(buf).writerows([self.header] + self.rows)
                 with atomic_write(self.out) as tmp:  # the file is whole before and after
                     tmp.write_text(buf.getvalue(), encoding="utf-8")
             return self.state()

@@ -128,8 +128,6 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
     as a CSV with an empty ``score`` column when ``out`` is given. ``ratings``: a file rated so far
     (its images count as picked). ``by``: ``tasks`` (where the task models disagree) or ``fit`` (where
     fits of ``ratings`` by ``recipe``, default the default recipe, disagree; ``MIN_RATINGS`` needed)."""
-    import csv
-
     from .errors import LaionfilterError
     from .learn import Merger, learning_threads
     from .recipe import LearnConfig
@@ -156,9 +154,10 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
     labels = [items[kept[j]].label for j in select_active(preds, n, rated)]
     if out:
         from .safefiles import atomic_write
+        from .tables import answers_writer
 
         with atomic_write(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")  # LF: rows appended to a hand-written file match it, and cut/awk see no \r
+            w = answers_writer(f)
             w.writerow(["image", "score"])
             w.writerows([label, ""] for label in labels)
     return labels

@@ -1,9 +1,12 @@
-"""Reading the user's tables (CSV, TSV or Parquet) into pyarrow, with errors naming the file."""
+"""Reading the user's tables (CSV, TSV or Parquet) into pyarrow, with errors naming the file, and
+writing the CSVs a user goes on to edit (``rate``'s answers, ``suggest``'s picks)."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
+from typing import Any, TextIO
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -58,3 +61,9 @@ def resolve_path(value: str, base: Path) -> Path:
     """A path from a table: absolute, or relative to the table's folder."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else base / p
+
+
+def answers_writer(f: TextIO) -> Any:
+    """A ``csv.writer`` with LF line ends, as files written by hand have (csv's default is CRLF), so
+    that rows appended to a user's own file match it and cut/awk see no \\r."""
+    return csv.writer(f, lineterminator="\n")
