@@ -55,29 +55,29 @@ def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.n
     (``chosen`` collects the temperatures leave-one-out picks)."""
     coef = mixes(merger.bank.n)
     zs = np.array([srocc(y[sup], p[sup]) for p in preds])
+
+    def merged(w: np.ndarray, rows: np.ndarray) -> float:  # test SROCC of the candidates mixed by weights w
+        alpha = torch.tensor((w / w.sum()) @ coef[rows], dtype=torch.float32)
+        return srocc(y[test], merger.predict(alpha, pixels)[test])
+
     out = {}
     for lib, rows in libraries(merger.bank.n).items():
         out[f"{lib}, best"] = srocc(y[test], preds[rows[int(np.argmax(zs[rows]))]][test])
         for t in temperatures:
-            w = np.exp((zs[rows] - zs[rows].max()) / t)
-            alpha = torch.tensor((w / w.sum()) @ coef[rows], dtype=torch.float32)
-            out[f"{lib}, soft T={t:g}"] = srocc(y[test], merger.predict(alpha, pixels)[test])
+            out[f"{lib}, soft T={t:g}"] = merged(np.exp((zs[rows] - zs[rows].max()) / t), rows)
+    rows = libraries(merger.bank.n)["mixes"]
     if bags:
         # bagging: the softmax weights averaged over bootstrap resamples of the support set
         rng = np.random.default_rng(len(sup) * 7919 + int(sup.sum()))
         draws = [d for d in (rng.choice(sup, len(sup)) for _ in range(4 * bags)) if len(set(y[d].tolist())) > 1][:bags]
         zb = np.array([[srocc(y[d], p[d]) for p in preds] for d in draws])
-        rows = libraries(merger.bank.n)["mixes"]
         for t in temperatures:
             w = np.exp((zb[:, rows] - zb[:, rows].max(axis=1, keepdims=True)) / t)
-            w = (w / w.sum(axis=1, keepdims=True)).mean(axis=0)
-            alpha = torch.tensor(w @ coef[rows], dtype=torch.float32)
-            out[f"mixes, bagged T={t:g}"] = srocc(y[test], merger.predict(alpha, pixels)[test])
+            out[f"mixes, bagged T={t:g}"] = merged((w / w.sum(axis=1, keepdims=True)).mean(axis=0), rows)
     if loo:
         # T chosen per user by leave-one-out over the support set: each rated image is predicted by the
         # softmax over the other ratings' SROCC, as the weighted mean of the candidates' standardised
         # predictions (a proxy for the merge's); the T whose predictions rank the ratings best wins
-        rows = libraries(merger.bank.n)["mixes"]
         ps = preds[rows][:, sup]
         ps = (ps - ps.mean(axis=1, keepdims=True)) / (ps.std(axis=1, keepdims=True) + 1e-9)
         zl = np.array([[srocc(np.delete(y[sup], j), np.delete(p, j)) for p in ps] for j in range(len(sup))])
@@ -88,9 +88,7 @@ def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.n
             w /= w.sum(axis=1, keepdims=True)
             fit.append(srocc(y[sup], (w * ps.T).sum(axis=1)))
         t = grid[int(np.argmax(fit))]
-        w = np.exp((zs[rows] - zs[rows].max()) / t)
-        alpha = torch.tensor((w / w.sum()) @ coef[rows], dtype=torch.float32)
-        out["mixes, T by leave-one-out"] = srocc(y[test], merger.predict(alpha, pixels)[test])
+        out["mixes, T by leave-one-out"] = merged(np.exp((zs[rows] - zs[rows].max()) / t), rows)
         if chosen is not None:
             chosen.append(t)
     return out
