@@ -98,7 +98,18 @@ class ScoreModel(nn.Module):
         self.register_buffer("template", torch.tensor(template, dtype=torch.float32), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.score(self.head(self.visual(images)))
+        return self.head_score(self.visual(images))
+
+    def head_score(self, features: torch.Tensor) -> torch.Tensor:
+        """The score head on the tower's features, in float32 under autocast too.
+
+        The head is 0.3 % of ViT-B-16's weights and its output is the score itself. Profiles that share
+        the tower compute their heads as combinations of products (``scorer._Heads``); that agrees with
+        this to float32 tolerance only when neither is rounded to bf16 (on an H200 the two differed by
+        1.9 % of the scores' range with the head under bf16 autocast; benchmarks/profiles.py --check).
+        """
+        with torch.autocast(features.device.type, enabled=False):
+            return self.score(self.head(features.float()))
 
     def score(self, probs: torch.Tensor) -> torch.Tensor:
         probs = probs.float()
@@ -141,7 +152,7 @@ class ScoreModel(nn.Module):
             for r in self.visual.transformer.resblocks[split - 1:]:
                 h = r(h)
             h = self._finish(h)
-        return self.score(self.head(h))
+        return self.head_score(h)
 
 
 _STEM = ("visual.conv1.", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.")

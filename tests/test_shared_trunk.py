@@ -80,3 +80,20 @@ def test_many_head_profiles_match_their_merged_models(tuned, small_bank):
     with torch.no_grad():
         for name, prof in profiles[::7]:
             np.testing.assert_allclose(got[name], prof.model(small_bank)(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_heads_equal_alone_under_bf16_autocast(tuned, small_bank):
+    """On a GPU `score` runs under bf16 autocast; the score head stays in float32 there, in the grouped
+    path and alone alike, so that their rows still agree to float tolerance. CPU autocast stands in."""
+    from laionfilter.mapper import Batch
+
+    profiles = [(k, tuned[k]) for k in ("h1", "h2")]
+    x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    batch = Batch("u", [{}] * 6, list(range(6)), x)
+    cpu = torch.device("cpu")
+    grouped, single = MergedModels(profiles, small_bank, cpu), [MergedModels([p], small_bank, cpu) for p in profiles]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as MergedModels.scores enters it on a GPU
+        together = grouped.scores(batch)
+        for (name, _), models in zip(profiles, single):
+            np.testing.assert_allclose(together[name], models.scores(batch)[name], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(together["h1"], together["h2"])  # the heads differ, so the check could fail
