@@ -16,10 +16,12 @@ predictions on a user's images are computed once; only the soft picks need one f
 Two ways of choosing from the support set itself can be added (both measured and not taken up,
 README): ``--bags B``, the mixes' softmax weights averaged over B bootstrap resamples of the ratings
 (seeded by the split), and ``--loo``, T chosen per user by leave-one-out over the ratings.
+``--scales`` measures the mixes start at T = 0.1 with its coefficients scaled (``learn --mix-scale``).
 
     python benchmarks/at_scale.py --users 12 --simulate-only --plan "recipe:10:seed0,seed1,against2" --out at-scale
     python benchmarks/mixes.py --data at-scale --sets seed0 --out mixes-seed0.json  # about 6 min on one core
     python benchmarks/mixes.py --data at-scale --sets seed0 --temperatures 0.05,0.1,0.2 --bags 50 --loo --out ...
+    python benchmarks/mixes.py --data at-scale --sets seed0 --temperatures 0.1 --scales 0.6,0.8,1.25,1.5,2 --out ...
 
 Settings are chosen on the first set (seed0); run the others as held-out checks.
 """
@@ -50,14 +52,15 @@ def libraries(n: int) -> dict[str, np.ndarray]:
 
 def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.ndarray, sup: np.ndarray,
                 test: np.ndarray, temperatures: list[float], bags: int = 0,
-                loo: bool = False, chosen: list[float] | None = None) -> dict[str, float]:
+                loo: bool = False, chosen: list[float] | None = None, scales: list[float] = ()) -> dict[str, float]:
     """Test SROCC of each library's best candidate and softmax mean, from the support images ``sup``
-    (``chosen`` collects the temperatures leave-one-out picks)."""
+    (``chosen`` collects the temperatures leave-one-out picks); with ``scales``, also the mixes'
+    softmax mean at T = 0.1 (``learn --init mixes``) with its coefficients times each scale."""
     coef = mixes(merger.bank.n)
     zs = np.array([srocc(y[sup], p[sup]) for p in preds])
 
-    def merged(w: np.ndarray, rows: np.ndarray) -> float:  # test SROCC of the candidates mixed by weights w
-        alpha = torch.tensor((w / w.sum()) @ coef[rows], dtype=torch.float32)
+    def merged(w: np.ndarray, rows: np.ndarray, scale: float = 1.0) -> float:  # test SROCC of the candidates mixed by w
+        alpha = torch.tensor(scale * (w / w.sum()) @ coef[rows], dtype=torch.float32)
         return srocc(y[test], merger.predict(alpha, pixels)[test])
 
     out = {}
@@ -66,6 +69,8 @@ def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.n
         for t in temperatures:
             out[f"{lib}, soft T={t:g}"] = merged(np.exp((zs[rows] - zs[rows].max()) / t), rows)
     rows = libraries(merger.bank.n)["mixes"]
+    for scale in scales:
+        out[f"mixes, soft T=0.1, ×{scale:g}"] = merged(np.exp((zs[rows] - zs[rows].max()) / 0.1), rows, scale)
     if bags:
         # bagging: the softmax weights averaged over bootstrap resamples of the support set
         rng = np.random.default_rng(len(sup) * 7919 + int(sup.sum()))
@@ -105,6 +110,7 @@ def main() -> None:
     ap.add_argument("--bank", default="starter")
     ap.add_argument("--bags", type=int, default=0, help="also the mixes' softmax averaged over this many bootstrap resamples")
     ap.add_argument("--loo", action="store_true", help="also the mixes at a T chosen per user by leave-one-out")
+    ap.add_argument("--scales", default="", help="also the mixes at T = 0.1 with the start times each of these (e.g. 0.8,1.25)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -124,7 +130,7 @@ def main() -> None:
                 if len(set(user.scores[sup].tolist())) < 2:
                     continue
                 picks = split_picks(merger, user.pixels, user.scores, preds, sup, test, temperatures, args.bags, args.loo,
-                                    chosen)
+                                    chosen, [float(x) for x in args.scales.split(",") if x])
                 runs += [{"user": user.user, "trial": trial, "method": m, "srocc": v} for m, v in picks.items()]
             print(f"{name}: {user.user} done", flush=True)
         summary = {}

@@ -301,6 +301,9 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--temperature", type=float,
               help=f"T of the initialisation's softmax [default: {RECIPE.temperature:g}, the paper's, for adaptive; "
                    f"{RECIPE.mix_temperature:g} for mixes].")
+@click.option("--mix-scale", type=float, default=RECIPE.mix_scale, show_default=True,
+              help="Beyond the paper, --init mixes: the start's coefficients times this while the anchor holds them "
+                   "(weight ≥ 1, as at 10 ratings), fading to 1 with the anchor's weight.")
 @click.option("--loss", type=click.Choice(LOSSES), default=RECIPE.loss, show_default=True,
               help="Bradley–Terry rank loss or MSE.")
 @click.option("--layer-agnostic", is_flag=True, help="One coefficient per task instead of per task and layer.")
@@ -313,8 +316,8 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True)
 @click.option("--anchor", type=float, default=RECIPE.anchor, show_default=True,
               help=f"Beyond the paper: a penalty (anchor / support size)^{RECIPE.anchor_power:g} keeping the coefficients "
-                   f"near their start (by default weight {(RECIPE.anchor / 10) ** RECIPE.anchor_power:.2g} at 10 ratings, "
-                   f"{(RECIPE.anchor / 100) ** RECIPE.anchor_power:.1g} at 100); 0 (with --init adaptive) is the paper's "
+                   f"near their start (by default weight {RECIPE.anchor_weight(10):.2g} at 10 ratings, "
+                   f"{RECIPE.anchor_weight(100):.1g} at 100); 0 (with --init adaptive) is the paper's "
                    "recipe.")
 @click.option("--calibration", type=click.Choice([*CALIBRATIONS, "none"]), default=RECIPE.calibration, show_default=True,
               help="Map from score to the user's own rating scale (score writes it as <profile>_rating), fitted on "
@@ -329,8 +332,8 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @seed_option()
 @device_option()
 @threads_option
-def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnostic, tune, steps, lr, batch_size, anchor,
-          calibration, folds, steps_from, tol, seed, device, threads):
+def learn(ratings, bank_path, out, shards, init, temperature, mix_scale, loss, layer_agnostic, tune, steps, lr, batch_size,
+          anchor, calibration, folds, steps_from, tol, seed, device, threads):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -344,7 +347,7 @@ def learn(ratings, bank_path, out, shards, init, temperature, loss, layer_agnost
     cfg = LearnConfig(init=init, loss=loss, layer_agnostic=layer_agnostic, tune=tune, steps=steps,
                       batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration, folds=folds,
                       steps_from=_int_list(steps_from, "--steps-from"), tol=tol,
-                      anchor=anchor, **kw)
+                      anchor=anchor, mix_scale=mix_scale, **kw)
     for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
         m = profile.meta
         oof = m.get("out_of_fold")
@@ -377,7 +380,8 @@ def inspect(profile_path, as_json, plot):
         return
     click.echo(f"profile {info['name']!r} on bank {info['bank']['fingerprint'][:16]} ({info['bank']['path']})")
     c = info["config"]
-    click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={info['start_temperature']}), loss {c['loss']}, "
+    click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={info['start_temperature']}, "
+               f"scale {info['start_scale']:.3g}), loss {c['loss']}, "
                f"{'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps"
                + (f" (the loss settled at step {settled})" if (settled := info["loss_curve"].get("converged_at")) else "")
                + f", seed {c['seed']}")

@@ -7,8 +7,9 @@ steps, batch 32, learning rate 1e-2 → 1e-3 on a cosine schedule (appendix F).
 
 Beyond the paper, by default: α starts at a softmax-weighted mean of candidate merges (each task,
 each pair of tasks averaged, each task less half another; ``mixes``) weighted by their SROCC on the
-support set, and an anchor penalty keeps α near that start, its weight falling as N^-4 with the support
-size N (``LearnConfig.anchor``): with ten ratings it holds α near the start, with a hundred it lets go.
+support set (times ``LearnConfig.mix_scale`` while the anchor holds it), and an anchor penalty keeps α
+near that start, its weight falling as N^-4 with the support size N (``LearnConfig.anchor``): with ten
+ratings it holds α near the start, with a hundred it lets go.
 ``init="adaptive", anchor=0`` is the paper's recipe.
 
 Differences from the authors' released code, where the paper is followed here: their code initialises
@@ -35,7 +36,7 @@ from .errors import LaionfilterError
 from .merge import merge_weights
 from .metrics import srocc
 from .model import count_blocks, layer_stage, pick_device
-from .recipe import LearnConfig
+from .recipe import LearnConfig, anchor_weight
 
 
 def cosine_lr(step: int, total: int, start: float, end: float) -> float:
@@ -67,16 +68,17 @@ def mixes(n: int) -> np.ndarray:
 
 
 def init_coefficients(sroccs: torch.Tensor | list[float], n_layers: int, init: str = "adaptive",
-                      temperature: float = 1.0, mix_sroccs: list[float] | None = None) -> torch.Tensor:
+                      temperature: float = 1.0, mix_sroccs: list[float] | None = None,
+                      mix_scale: float = 1.0) -> torch.Tensor:
     """α_i^l = softmax_i(SROCC_i / T), the same for every layer (eq. 6); [n, n_layers]. Init "mixes":
-    Σ_c softmax_c(SROCC_c / T) · c over the candidate merges c of ``mixes`` (``mix_sroccs``: each
-    one's SROCC on the support set; T is then ``LearnConfig.mix_temperature``)."""
+    s · Σ_c softmax_c(SROCC_c / T) · c over the candidate merges c of ``mixes`` (``mix_sroccs``: each
+    one's SROCC on the support set; T and s are then ``LearnConfig.mix_temperature`` and ``mix_scale``)."""
     s = torch.as_tensor(sroccs, dtype=torch.float64)
     if init == "mixes":
         if mix_sroccs is None:
             raise LaionfilterError("init mixes needs the candidate merges' SROCC")
         w = torch.softmax(torch.as_tensor(mix_sroccs, dtype=torch.float64) / temperature, dim=0)
-        a = w @ torch.as_tensor(mixes(len(s)))
+        a = mix_scale * (w @ torch.as_tensor(mixes(len(s))))
     elif init == "uniform":
         a = torch.full_like(s, 1.0 / len(s))
     elif init == "best-fit":
@@ -100,7 +102,7 @@ def anchor_penalty(alpha: torch.Tensor, start: torch.Tensor, anchor: float, n_su
                    power: float) -> torch.Tensor:
     """(anchor / N)^power · Σ_i mean_l (α_i^l − α_i^l(0))², N the support size."""
     d2 = (alpha - start) ** 2
-    return (anchor / n_support) ** power * (d2.sum(0).mean() if d2.dim() == 2 else d2.sum())
+    return anchor_weight(anchor, n_support, power) * (d2.sum(0).mean() if d2.dim() == 2 else d2.sum())
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor, span: float) -> torch.Tensor:
@@ -186,7 +188,8 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds, progress)
     zs = [metric(p) for p in task_preds]
     mix_zs = None if mix_preds is None else [metric(p) for p in mix_preds]
-    alpha0 = init_coefficients(zs, L, cfg.init, cfg.start_temperature, mix_zs)
+    scale = cfg.start_scale(len(pixels))
+    alpha0 = init_coefficients(zs, L, cfg.init, cfg.start_temperature, mix_zs, scale)
     tuned = tuned_layers(merger.layers, cfg.tune).to(device)
     alpha0[:, ~tuned.cpu()] = 1.0 / n  # the shared, user-independent value of the layers not tuned
     if cfg.layer_agnostic:
@@ -265,6 +268,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         "alpha_init": _full(alpha0, cfg, n, L),
         "zero_shot_srocc": zs,
         **({"mix_srocc": mix_zs} if mix_zs is not None else {}),
+        "start_scale": scale,
         "support_srocc_before": before,
         "support_srocc_after": after,
         "loss_curve": {**_curve(losses), **({"converged_at": stopped} if stopped is not None else {})},

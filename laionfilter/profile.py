@@ -111,6 +111,7 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
                 "layers": len(bank.layers),
                 "config": cfg.to_json(),
                 "init": {"method": cfg.init, "temperature": cfg.start_temperature,
+                         "scale": result["start_scale"],
                          # the start of a learned layer (the others hold 1/n, see "tune")
                          "alpha_per_task": result["alpha_init"][:, int(result["tuned"].nonzero()[0])].tolist(),
                          "tune": cfg.tune, "fixed_layers": int((~result["tuned"]).sum()), "fixed_value": 1.0 / bank.n},
@@ -150,6 +151,7 @@ def profile_summary(profile: Profile) -> dict[str, Any]:
         "support_srocc_after": m["support_srocc_after"],
         "config": m["config"],
         "start_temperature": m["init"]["temperature"],
+        "start_scale": m["init"].get("scale", 1.0),  # profiles learned before the scale have none: 1
         "ratings": m["ratings"],
         "loss_curve": {k: v for k, v in m["loss_curve"].items() if k != "values"},
         "out_of_fold": m.get("out_of_fold"),

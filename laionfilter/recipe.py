@@ -17,6 +17,11 @@ INITS = ("adaptive", "uniform", "best-fit", "mixes")
 LOSSES = ("bt", "mse")
 
 
+def anchor_weight(anchor: float, n_support: int, power: float) -> float:
+    """(anchor / N)^power: the anchor penalty's weight for a support set of N ratings."""
+    return (anchor / n_support) ** power
+
+
 @dataclass(frozen=True)
 class LearnConfig:
     # adaptive: softmax(SROCC/T) (the paper); uniform: T → ∞; best-fit: T → 0; mixes (beyond the paper,
@@ -26,6 +31,10 @@ class LearnConfig:
     temperature: float = 1.0
     # Beyond the paper, init "mixes": the temperature of the softmax over the candidate merges' SROCC.
     mix_temperature: float = 0.1
+    # Beyond the paper, init "mixes": the start's coefficients times this where the anchor holds α at the
+    # start (weight ≥ 1, as with ten ratings), fading to 1 as the anchor lets go (``start_scale``).
+    # Averaging task vectors dilutes each of them (task arithmetic scales their sum for the same reason).
+    mix_scale: float = 1.25
     loss: str = "bt"  # bt: Bradley–Terry rank loss (eq. 3); mse: squared error on the template's scale
     layer_agnostic: bool = False  # one coefficient per task instead of one per task and layer
     steps: int = 500
@@ -73,6 +82,8 @@ class LearnConfig:
             raise LaionfilterError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         if not (self.temperature > 0 and self.mix_temperature > 0):
             raise LaionfilterError("temperature must be positive")
+        if not self.mix_scale > 0:
+            raise LaionfilterError("mix scale must be positive")
         if self.steps < 0 or self.batch_size < 2:
             raise LaionfilterError("steps must be ≥ 0 and batch size ≥ 2")
         if self.anchor < 0 or self.anchor_power <= 0:
@@ -95,6 +106,17 @@ class LearnConfig:
     def start_temperature(self) -> float:
         """The temperature of the chosen start's softmax."""
         return self.mix_temperature if self.init == "mixes" else self.temperature
+
+    def anchor_weight(self, n_support: int) -> float:
+        """The anchor penalty's weight with ``n_support`` ratings."""
+        return anchor_weight(self.anchor, n_support, self.anchor_power)
+
+    def start_scale(self, n_support: int) -> float:
+        """The factor on the mixes start with ``n_support`` ratings: ``mix_scale`` while the anchor holds
+        α at the start (weight ≥ 1), fading to 1 with the anchor's weight; 1 for the other starts."""
+        if self.init != "mixes":
+            return 1.0
+        return 1.0 + (self.mix_scale - 1.0) * min(1.0, self.anchor_weight(n_support))
 
     @property
     def uses_folds(self) -> bool:

@@ -193,7 +193,8 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
 
     info = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile"), "--json"]).output)
     assert len(info["tasks"]) == 3 and info["name"] == "ann"
-    assert info["config"]["init"] == "mixes" and "init mixes (T=0.1)" in r.output
+    assert info["config"]["init"] == "mixes" and info["start_scale"] > 1
+    assert f"init mixes (T=0.1, scale {info['start_scale']:.3g})" in r.output
     # --temperature is the temperature of whichever start is chosen
     for init, field in (("mixes", "mix_temperature"), ("adaptive", "temperature")):
         r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / init),
@@ -220,6 +221,24 @@ def test_recorded_start_is_the_initialisation_and_the_anchor_holds_alpha_near_it
     held = fit(merger, sup.pixels, sup.scores, LearnConfig(init="adaptive", steps=15, lr=5e-2, seed=3, anchor=100.0))
     moved = lambda r: (r["alpha"] - r["alpha_init"]).abs().mean().item()
     assert moved(held) < 0.5 * moved(free)
+
+
+def test_the_mixes_start_is_scaled_while_the_anchor_holds_it(small_bank, ratings_csv):
+    cfg = LearnConfig(mix_scale=1.5)
+    sizes = [4, 10, 20, 25, 30, 50, 100, 1000]
+    scales = [cfg.start_scale(n) for n in sizes]
+    held = [n for n in sizes if cfg.anchor_weight(n) >= 1]
+    assert held and all(cfg.start_scale(n) == 1.5 for n in held)  # the anchor holds α: the whole scale
+    assert all(a >= b for a, b in zip(scales, scales[1:])) and 1 < scales[-3] < 1.5 and scales[-1] < 1.0001
+    assert LearnConfig(init="adaptive", mix_scale=1.5).start_scale(10) == 1  # the paper's start is never scaled
+    assert LearnConfig(anchor=0, mix_scale=1.5).start_scale(10) == 1  # nothing holds α at its start
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
+    merger = Merger(small_bank, torch.device("cpu"))
+    preds = merger.mix_predictions(sup.pixels)
+    plain = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=0, mix_scale=1.0), mix_preds=preds)
+    scaled = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=0), mix_preds=preds)
+    assert plain["start_scale"] == 1 and scaled["start_scale"] == LearnConfig().start_scale(len(sup.pixels)) > 1
+    torch.testing.assert_close(scaled["alpha_init"], scaled["start_scale"] * plain["alpha_init"])
 
 
 def test_anchor_penalty_is_anchor_over_support_size_to_its_power_times_the_summed_layer_mean():
@@ -265,6 +284,10 @@ def test_mixes_initialisation_is_the_softmax_weighted_mean_of_the_candidates():
             torch.testing.assert_close(a[:, l], torch.tensor(w @ m, dtype=torch.float32))
     sharp = init_coefficients(s, 2, "mixes", 1e-4, list(ms))  # T → 0: the best candidate alone
     torch.testing.assert_close(sharp[:, 0], torch.tensor(m[-1], dtype=torch.float32))
+    scaled = init_coefficients(s, 2, "mixes", 1e-4, list(ms), mix_scale=1.25)
+    torch.testing.assert_close(scaled[:, 0], torch.tensor(1.25 * m[-1], dtype=torch.float32))
+    torch.testing.assert_close(init_coefficients(s, 2, "adaptive", 1.0, mix_scale=1.25),
+                               init_coefficients(s, 2, "adaptive", 1.0))  # the paper's start is not scaled
     with pytest.raises(LaionfilterError, match="candidate"):
         init_coefficients(s, 2, "mixes", 0.1)
 
@@ -279,7 +302,8 @@ def test_mixes_init_scores_every_candidate_merge_on_the_support(small_bank, rati
     cfg = LearnConfig(init="mixes", steps=0, calibration="none")
     r = fit(merger, sup.pixels, sup.scores, cfg)
     assert r["mix_srocc"] == pytest.approx([srocc(sup.scores, p) for p in preds])
-    expect = init_coefficients(r["zero_shot_srocc"], len(small_bank.layers), "mixes", cfg.mix_temperature, r["mix_srocc"])
+    expect = init_coefficients(r["zero_shot_srocc"], len(small_bank.layers), "mixes", cfg.mix_temperature, r["mix_srocc"],
+                               cfg.start_scale(len(sup.pixels)))
     assert torch.equal(r["alpha_init"], expect)
     # the folds' starts come from the images each fold trains on, whether the candidates' predictions are
     # passed in (computed once for every fold) or computed per fold
