@@ -115,7 +115,8 @@ def main() -> None:
         for tune in ("head", "top-2"):
             results[f"check, {tune}"] = r = grouped_against_alone(starter, pixels, dev, tune)
             print(f"{tune}, K = {r['k']}, largest difference over the scores' range: "
-                  + ", ".join(f"{w[13:-11].replace('_', ' ')} {v:.2e}" for w, v in r.items() if w.startswith("max_")), flush=True)
+                  + ", ".join(f"{w.removeprefix('max_abs_diff_').removesuffix('_over_range').replace('_', ' ')} {v:.2e}"
+                              for w, v in r.items() if w.startswith("max_")), flush=True)
     b = args.batch or (256 if gpu else 32)
     setups = [("tiny", starter, torch.randn(256, 3, 64, 64, device=dev),
                {"head": (1, 8, 64, 512), "top-2": (1, 8, 64), "all": (1, 8, 64)})]
