@@ -31,7 +31,7 @@ from .profile import Profile, load_profile
 from .reader import shard_name
 from .safefiles import file_sha256
 from .shards import expand_shards, is_remote
-from .writer import FIXED_COLUMNS, prepare_output, rating_column, shard_done
+from .writer import FIXED_COLUMNS, prepare_output, rating_column, rating_columns, shard_done
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,7 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
         note(f"{out}: {skipped} shard(s) already done, skipping them")
 
     summary = {"columns": {column: str(f) for column, _, f in loaded},
-               "rating_columns": {rating_column(column): column for column, prof, _ in loaded
-                                  if prof.calibration is not None},
+               "rating_columns": rating_columns(named),
                "shards": len(mine), "skipped": skipped,
                "done": 0, "failed": 0, "samples": 0, "scored": 0,
                "failed_samples": 0, "failed_shards": [], "seconds": 0.0,

@@ -26,7 +26,7 @@ from .merge import merge_weights
 from .model import ScoreModel, autocast, count_blocks, layer_stage, pick_device
 from .profile import Profile
 from .reader import shard_name
-from .writer import ShardRows, rating_column
+from .writer import ShardRows, rating_columns
 
 
 def scoring_device(name: str = "auto") -> torch.device:
@@ -150,9 +150,11 @@ class MergedModels:
         # images per forward on the CPU (None: cpu_chunk_for the bank); elsewhere the whole batch
         self.chunk = (cpu_chunk or cpu_chunk_for(bank.architecture)) if device.type == "cpu" else None
         self.names = [name for name, _ in profiles]
-        # A calibrated profile adds its rating column, computed from its score column.
-        self.ratings = {name: prof.calibration for name, prof in profiles if prof.calibration is not None}
-        self.columns = self.names + [rating_column(name) for name in self.ratings]
+        # A calibrated profile adds its rating column, computed from its score column:
+        # {rating column: (score column, its calibration)}
+        calibrations = {name: prof.calibration for name, prof in profiles}
+        self.ratings = {rating: (name, calibrations[name]) for rating, name in rating_columns(profiles).items()}
+        self.columns = self.names + list(self.ratings)
         alphas = [prof.alpha for _, prof in profiles]
         for _, prof in profiles:
             prof.check_bank(bank)
@@ -204,10 +206,10 @@ class MergedModels:
                 # of the tiny ViT the per-profile copies were most of the time
                 for i, values in zip(members, y.cpu().numpy().tolist()):
                     out[self.names[i]] = values if len(values) == n else _spread(values, batch.index, n)
-        for name, cal in self.ratings.items():
+        for rating, (name, cal) in self.ratings.items():
             scored = [v for v in out[name] if v is not None]
             rated = iter(cal(np.asarray(scored, dtype=np.float32)).tolist())
-            out[rating_column(name)] = [None if v is None else next(rated) for v in out[name]]
+            out[rating] = [None if v is None else next(rated) for v in out[name]]
         return out
 
 

@@ -29,6 +29,12 @@ def rating_column(profile: str) -> str:
     return f"{profile}_rating"
 
 
+def rating_columns(profiles: list[tuple[str, Any]]) -> dict[str, str]:
+    """{rating column: score column} for the (column, Profile) pairs whose profile is calibrated: the one
+    place that decides which score columns get a rating column beside them."""
+    return {rating_column(column): column for column, prof in profiles if prof.calibration is not None}
+
+
 def schema(profiles: list[str]) -> pa.Schema:
     return pa.schema([("key", pa.string()), ("shard", pa.string()), ("url", pa.string()), ("caption", pa.string()),
                       ("width", pa.int32()), ("height", pa.int32()), ("status", pa.string()), ("error", pa.string())]
