@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import softmax
 
 from laionfilter.bank import resolve_bank
 from laionfilter.evaluate import support_split
@@ -67,18 +68,17 @@ def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.n
     for lib, rows in libraries(merger.bank.n).items():
         out[f"{lib}, best"] = srocc(y[test], preds[rows[int(np.argmax(zs[rows]))]][test])
         for t in temperatures:
-            out[f"{lib}, soft T={t:g}"] = merged(np.exp((zs[rows] - zs[rows].max()) / t), rows)
+            out[f"{lib}, soft T={t:g}"] = merged(softmax(zs[rows] / t), rows)
     rows = libraries(merger.bank.n)["mixes"]
     for scale in scales:
-        out[f"mixes, soft T=0.1, ×{scale:g}"] = merged(np.exp((zs[rows] - zs[rows].max()) / 0.1), rows, scale)
+        out[f"mixes, soft T=0.1, ×{scale:g}"] = merged(softmax(zs[rows] / 0.1), rows, scale)
     if bags:
         # bagging: the softmax weights averaged over bootstrap resamples of the support set
         rng = np.random.default_rng(len(sup) * 7919 + int(sup.sum()))
         draws = [d for d in (rng.choice(sup, len(sup)) for _ in range(4 * bags)) if len(set(y[d].tolist())) > 1][:bags]
         zb = np.array([[srocc(y[d], p[d]) for p in preds] for d in draws])
         for t in temperatures:
-            w = np.exp((zb[:, rows] - zb[:, rows].max(axis=1, keepdims=True)) / t)
-            out[f"mixes, bagged T={t:g}"] = merged((w / w.sum(axis=1, keepdims=True)).mean(axis=0), rows)
+            out[f"mixes, bagged T={t:g}"] = merged(softmax(zb[:, rows] / t, axis=1).mean(axis=0), rows)
     if loo:
         # T chosen per user by leave-one-out over the support set: each rated image is predicted by the
         # softmax over the other ratings' SROCC, as the weighted mean of the candidates' standardised
@@ -89,11 +89,9 @@ def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.n
         grid = [0.03, 0.05, 0.1, 0.2, 0.5, 1.0]
         fit = []
         for t in grid:
-            w = np.exp((zl - zl.max(axis=1, keepdims=True)) / t)
-            w /= w.sum(axis=1, keepdims=True)
-            fit.append(srocc(y[sup], (w * ps.T).sum(axis=1)))
+            fit.append(srocc(y[sup], (softmax(zl / t, axis=1) * ps.T).sum(axis=1)))
         t = grid[int(np.argmax(fit))]
-        out["mixes, T by leave-one-out"] = merged(np.exp((zs[rows] - zs[rows].max()) / t), rows)
+        out["mixes, T by leave-one-out"] = merged(softmax(zs[rows] / t), rows)
         if chosen is not None:
             chosen.append(t)
     return out
