@@ -57,8 +57,8 @@ def synthetic_profiles(bank, k: int, tune: str, seed: int = 0) -> list[tuple[str
 
 
 def per_image(models: MergedModels, pixels: torch.Tensor, repeats: int) -> float:
-    """Seconds per image of ``models.scores`` on ``pixels`` (it returns Python floats, so a GPU's work
-    is finished when the clock is read)."""
+    """Seconds per image of ``models.scores`` on ``pixels`` (it copies the scores to the host, so a GPU's
+    work is finished when the clock is read)."""
     batch = Batch("bench", [{}] * len(pixels), list(range(len(pixels))), pixels)
     warm = batch if pixels.device.type == "cuda" else Batch("bench", [{}] * 2, [0, 1], pixels[:2])
     models.scores(warm)  # on a GPU at full size: cuBLAS picks its kernels per shape

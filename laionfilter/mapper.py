@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from .images import ImageDecodeError, Preprocessor, decode
@@ -21,14 +22,14 @@ class Batch:
     """Samples of one shard: their rows (fixed columns, no scores), and the pixels of those that decoded.
 
     ``index[j]`` is the row of ``pixels[j]``. Once scored (in a worker, on the CPU), ``scores`` holds one
-    list per profile, a value or None per row, and ``pixels`` is dropped.
+    float32 array per column, ``scores[c][j]`` the score of row ``index[j]``, and ``pixels`` is dropped.
     """
 
     url: str
     rows: list[dict[str, Any]]
     index: list[int]
     pixels: torch.Tensor | None
-    scores: dict[str, list[float | None]] | None = field(default=None)
+    scores: dict[str, np.ndarray] | None = field(default=None)
 
 
 @dataclass

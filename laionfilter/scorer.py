@@ -192,33 +192,25 @@ class MergedModels:
         return torch.stack([functional_call(tail, state, (h, split)).float() for state in part])
 
     @torch.inference_mode()
-    def scores(self, batch: Batch) -> dict[str, list[float | None]]:
-        """One list per profile: the score of each row of the batch, None where it has no pixels."""
-        n = len(batch.rows)
-        out: dict[str, list[float | None]] = {name: [None] * n for name in self.names}
-        if batch.pixels is not None:
+    def scores(self, batch: Batch) -> dict[str, np.ndarray]:
+        """One float32 array per column: the scores of the batch's rows that have pixels (``batch.index``),
+        in that order; empty when none has."""
+        if batch.pixels is None:
+            out = {name: np.empty(0, np.float32) for name in self.names}
+        else:
             x = batch.pixels.to(self.device, non_blocking=True)
             step = self.chunk or len(x)
+            out = {}
             for split, members, model, part in self.groups:
                 with autocast(self.device):
                     y = torch.cat([self._group_scores(split, model, part, x[j:j + step]) for j in range(0, len(x), step)], 1)
-                # one copy from the device per group, not one per profile: on a GPU with 512 head profiles
-                # of the tiny ViT the per-profile copies were most of the time
-                for i, values in zip(members, y.cpu().numpy().tolist()):
-                    out[self.names[i]] = values if len(values) == n else _spread(values, batch.index, n)
+                # one copy from the device per group, and no Python float per score: on a GPU with 512
+                # head profiles of the tiny ViT, per-profile copies and then Python floats were most of the time
+                y = y.float().cpu().numpy()
+                out.update((self.names[i], y[k]) for k, i in enumerate(members))
         for rating, (name, cal) in self.ratings.items():
-            scored = [v for v in out[name] if v is not None]
-            rated = iter(cal(np.asarray(scored, dtype=np.float32)).tolist())
-            out[rating] = [None if v is None else next(rated) for v in out[name]]
+            out[rating] = np.asarray(cal(out[name]), dtype=np.float32)
         return out
-
-
-def _spread(values: list[float], index: list[int], n: int) -> list[float | None]:
-    """``values`` at rows ``index`` of ``n``, None at the rest (the rows without pixels)."""
-    column: list[float | None] = [None] * n
-    for row, v in zip(index, values):
-        column[row] = v
-    return column
 
 
 def write_batches(batches: Iterable[Batch | ShardDone], models: MergedModels, out, fingerprint: str,
@@ -236,7 +228,7 @@ def write_batches(batches: Iterable[Batch | ShardDone], models: MergedModels, ou
             del open_shards[item.url]
             yield rows.finish(out, fingerprint, item.error)
             continue
-        rows.add(item.rows, item.scores if item.scores is not None else models.scores(item))
+        rows.add(item.rows, item.index, item.scores if item.scores is not None else models.scores(item))
         if on_batch:
             on_batch(item)
 

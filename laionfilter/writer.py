@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -85,23 +86,35 @@ class ShardRows:
     name: str
     profiles: list[str]
     started: float = field(default_factory=time.time)
-    columns: dict[str, list] = field(default_factory=dict)
+    columns: dict[str, list] = field(default_factory=dict)  # fixed columns: values; score columns: arrays
+    scored: list[np.ndarray] = field(default_factory=list)  # per batch: which of its rows have scores
 
     def __post_init__(self):
         self.columns = {c: [] for c in FIXED_COLUMNS + self.profiles}
 
-    def add(self, rows: list[dict[str, Any]], scores: dict[str, list[float | None]]) -> None:
-        """A batch's rows (the fixed columns) and their scores, one list per profile."""
+    def add(self, rows: list[dict[str, Any]], index: list[int], scores: dict[str, np.ndarray]) -> None:
+        """A batch's rows (the fixed columns) and the scores of its rows ``index`` (those with pixels; the
+        others get nulls), one array per score column."""
         for c in FIXED_COLUMNS:
             self.columns[c].extend(r[c] for r in rows)
+        has = np.zeros(len(rows), dtype=bool)
+        has[index] = True
+        self.scored.append(has)
         for p in self.profiles:
-            self.columns[p].extend(scores[p])
+            column = np.zeros(len(rows), dtype=np.float32)
+            column[index] = scores[p]
+            self.columns[p].append(column)
 
     def __len__(self) -> int:
         return len(self.columns["key"])
 
     def finish(self, out: Path, fingerprint: str, error: str | None) -> dict[str, Any]:
-        table = pa.table(self.columns, schema=schema(self.profiles))
+        null = ~np.concatenate(self.scored) if self.scored else np.zeros(0, dtype=bool)
+        columns = {c: self.columns[c] for c in FIXED_COLUMNS}
+        for p in self.profiles:
+            values = np.concatenate(self.columns[p]) if self.columns[p] else np.zeros(0, dtype=np.float32)
+            columns[p] = pa.array(values, type=pa.float32(), mask=null)
+        table = pa.table(columns, schema=schema(self.profiles))
         with atomic_write(out / f"{self.name}.parquet") as tmp:
             pq.write_table(table, tmp)
         statuses = table.column("status").to_pylist()
