@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from tqdm.auto import tqdm
 
 from .errors import LaionfilterError
+from .log import progress_bar
 
 
 class ShardScorer:
@@ -74,13 +74,13 @@ def run_ray(todo: list[str], profiles: list[tuple[str, Path]], bank_path: Path, 
     actors = [actor.remote([(c, str(p)) for c, p in profiles], str(bank_path), "cuda" if use_gpu else "cpu",
                            cfg.batch_size, str(out), fingerprint, cfg.compile, cfg.cpu_chunk, cfg.max_pixels, after_batch)
               for _ in range(n)]
-    bar = tqdm(total=len(todo), desc=f"score on Ray ({n} actors)", unit="shard", disable=not progress)
+    bar = progress_bar(total=len(todo), desc=f"score on Ray ({n} actors)", unit="shard", disable=not progress)
     images = 0
     for stats in ActorPool(actors).map_unordered(lambda a, url: a.score.remote(url), todo):
         add_stats(summary, stats)
         images += stats["samples"]
         bar.update(1)
-        bar.set_postfix(images=images)
+        bar.set_postfix(images=images, refresh=False)
     bar.close()
     for a in actors:
         ray.kill(a)

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .bank import Bank
 from .errors import LaionfilterError
 from .calibrate import fit_calibration
 from .learn import Merger, fit_recipe, learning_threads, pair_agreement
-from .log import note
+from .log import note, progress_bar
 from .metrics import ranks_anything, srocc
 from .model import eval_transform, pick_device
 from .ratings import Support, read_ratings
@@ -89,7 +88,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
         size = lambda sup: len(sup.scores) if sup.pairs is None else len(sup.pairs)  # noqa: E731 (images or pairs)
         plan = lambda k, sup: sum(_steps(m, k, sup.pairs is None) for m in methods.values())  # noqa: E731 (one split)
         total = sum(trials * plan(k, s) for s in supports for k in shots if size(s) - k >= min_test)
-        bar = tqdm(total=total, desc="evaluate", unit="step", disable=not progress)
+        bar = progress_bar(total=total, desc="evaluate", unit="step", disable=not progress)
         for u_index, sup in enumerate(supports):
             task_preds = merger.task_predictions(sup.pixels)  # [n, N], shared by every split and method
             n_items = size(sup)
@@ -200,8 +199,8 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
         supports = read_ratings(table, eval_transform(bank.architecture)).supports
         merger = Merger(bank, dev)
         runs: list[dict[str, Any]] = []
-        bar = tqdm(total=len(supports) * trials * len(shots) * len(selections), desc="evaluate selection",
-                   unit="fit", disable=not progress)
+        bar = progress_bar(total=len(supports) * trials * len(shots) * len(selections), desc="evaluate selection",
+                           unit="fit", disable=not progress)
         for u_index, sup in enumerate(supports):
             if sup.scores is None:
                 raise LaionfilterError(f"{table}: selection is evaluated on scored images, not pairs")

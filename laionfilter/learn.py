@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from .bank import Bank
 from .calibrate import fit_calibration
 from .errors import LaionfilterError
+from .log import progress_bar
 from .merge import merge_weights
 from .metrics import srocc
 from .model import count_blocks, layer_stage, pick_device
@@ -141,7 +141,7 @@ class Merger:
 
     def mix_predictions(self, pixels: torch.Tensor, progress: bool = False) -> np.ndarray:
         """[m, N]: each candidate merge of ``mixes`` on the images (the first n rows: the task models)."""
-        cands = tqdm(mixes(self.bank.n), desc="candidate merges", unit="merge", disable=not progress, leave=False)
+        cands = progress_bar(mixes(self.bank.n), desc="candidate merges", unit="merge", disable=not progress, leave=False)
         return np.stack([self.predict(torch.as_tensor(c, dtype=torch.float32), pixels) for c in cands])
 
 
@@ -219,7 +219,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     started = time.time()
     alpha_at: dict[int, torch.Tensor] = {}
     last = max(checkpoints) if checkpoints else cfg.steps
-    bar = tqdm(range(last), desc=desc, unit="step", disable=not progress, leave=False)
+    bar = progress_bar(range(last), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
         if step in checkpoints:
             alpha_at[step] = _full(alpha.detach(), cfg, n, L)
@@ -249,7 +249,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
                 best, best_alpha = losses[-1], alpha.detach().clone()
         opt.step()
         if step % 25 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", refresh=False)
         if exact and stale >= cfg.patience and step + 1 < last:
             # A stiff anchor (a few ratings weigh it hundreds of times) can leave Adam circling above
             # the start's loss; a fit that stops returns the best α it measured, never a worse one.
@@ -332,8 +332,8 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds, progress and on_step is None)
     candidates = cfg.steps_from or (cfg.steps,)
     folds = min(cfg.folds, len(scores))
-    bar = tqdm(total=folds * max(candidates), desc=f"{desc}: {folds} out-of-fold fits", unit="step",
-               disable=not progress or on_step is not None, leave=False)
+    bar = progress_bar(total=folds * max(candidates), desc=f"{desc}: {folds} out-of-fold fits", unit="step",
+                       disable=not progress or on_step is not None, leave=False)
     oof = out_of_fold(merger, pixels, scores, cfg, task_preds, candidates, on_step or bar.update,
                       mix_preds)
     bar.close()

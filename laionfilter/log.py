@@ -1,8 +1,30 @@
 """Messages for the person at the terminal: on stderr, without breaking progress bars."""
 
+import os
 import sys
 
 from tqdm.auto import tqdm
+
+# Where stderr is not a terminal (a batch job's log file, a pipe), a bar's every redraw is kept: at
+# tqdm's default of ten a second, a day of scoring would write some 80 MB of them. There it redraws
+# twice a minute instead, unless TQDM_MININTERVAL says otherwise.
+LOG_REFRESH_S = 30.0
+
+
+def progress_bar(*args, **kwargs) -> tqdm:
+    """A tqdm progress bar on stderr, redrawn every ``LOG_REFRESH_S`` when stderr is not a terminal."""
+    kwargs.setdefault("file", sys.stderr)
+    notebook = "notebook" in type.__getattribute__(tqdm, "__module__")  # a widget writes no lines
+    if not notebook and not _is_terminal(kwargs["file"]) and "TQDM_MININTERVAL" not in {k.upper() for k in os.environ}:
+        kwargs.setdefault("mininterval", LOG_REFRESH_S)
+    return tqdm(*args, **kwargs)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def note(message: str) -> None:

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch.func import functional_call
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from .bank import Bank
 from .images import MAX_PIXELS, Preprocessor
-from .log import note
+from .log import note, progress_bar
 from .mapper import Batch, ShardDone, shard_batches
 from .merge import merge_weights
 from .model import ScoreModel, autocast, count_blocks, layer_stage, pick_device
@@ -272,7 +271,7 @@ def run_local(todo: list[str], models: MergedModels, bank: Bank, out, fingerprin
     loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers,
                         pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch if workers else None,
                         persistent_workers=False)
-    bar = tqdm(desc=f"score {len(todo)} shard(s)", unit="img", disable=not progress, smoothing=0.1)
+    bar = progress_bar(desc=f"score {len(todo)} shard(s)", unit="img", disable=not progress, smoothing=0.1)
     started, first = time.time(), []
 
     def on_batch(b: Batch) -> None:

@@ -454,3 +454,21 @@ def test_evaluate_progress_counts_steps(small_bank, tmp_path, capsys):
     err = capsys.readouterr().err
     # 2 trials × (1 baseline + 7 steps + 3 fits of 7 steps + the same, whose last fit may stop at 0)
     assert "100/100" in err and "step" in err
+
+
+def test_a_progress_bar_redraws_rarely_in_a_log_file_and_as_usual_on_a_terminal(tmp_path, monkeypatch):
+    import io
+
+    from laionfilter.log import LOG_REFRESH_S, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    with open(tmp_path / "job.log", "w") as log:
+        assert progress_bar(total=3, file=log).mininterval == LOG_REFRESH_S
+        monkeypatch.setenv("TQDM_MININTERVAL", "5")  # the user's say: tqdm reads it (when imported)
+        assert progress_bar(total=3, file=log).mininterval != LOG_REFRESH_S
+    monkeypatch.delenv("TQDM_MININTERVAL")
+    assert progress_bar(total=3, file=Terminal()).mininterval < 1

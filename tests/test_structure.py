@@ -117,3 +117,16 @@ def test_the_test_suite_s_conftest_loads_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1]).stdout
     assert out.strip() == "[]"
+
+
+def test_every_progress_bar_comes_from_log():
+    """So that every bar refreshes slowly in a log file (``log.progress_bar``): no module builds its own."""
+    direct = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "log.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+                    "tqdm" in name for name in [getattr(node, "module", None) or ""] + [a.name for a in node.names]):
+                direct.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert direct == []

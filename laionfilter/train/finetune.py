@@ -16,14 +16,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm.auto import tqdm
 
 from .. import __version__
 from .databases import ScoreRange, open_database
 from ..errors import LaionfilterError
 from ..formats import TASK_FORMAT
 from ..learn import cosine_lr
-from ..log import note
+from ..log import note, progress_bar
 from ..metrics import plcc, srocc
 from ..model import SCALES, HeadConfig, autocast, eval_transform, layer_names, load_base, model_state, pick_device
 from ..safefiles import read_json, read_toml, read_safetensors, state_fingerprint, write_json, write_safetensors
@@ -221,8 +220,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, resume
         stage_seed = cfg.seed * 7 + idx * 1_000_003 + first
         batches = _batches(train, sc.batch_size, cfg.workers, stage_seed, device.type == "cuda")
         torch.manual_seed(stage_seed)  # the head's dropout draws from the global generator: same seed, same task
-        bar = tqdm(range(first, sc.steps), desc=f"{cfg.task_name()} {stage}", unit="step", disable=not progress,
-                   initial=first, total=sc.steps)
+        bar = progress_bar(range(first, sc.steps), desc=f"{cfg.task_name()} {stage}", unit="step", disable=not progress,
+                           initial=first, total=sc.steps)
         losses = []
         for step in bar:
             lr = cosine_lr(step, sc.steps, sc.lr_start, sc.lr_end)
@@ -239,7 +238,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, resume
             opt.step()
             losses.append(loss.item())
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr:.2e}", refresh=False)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < sc.steps:
                 _save_checkpoint(ckpt, model, opt, stage, step + 1, cfg, {"history": history})
         bar.close()

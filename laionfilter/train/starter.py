@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from tqdm.auto import tqdm
 
 from ..errors import LaionfilterError
 from ..images import Preprocessor
 from ..formats import BASE_FORMAT
 from ..learn import cosine_lr
+from ..log import progress_bar
 from .finetune import FinetuneConfig, StageConfig, finetune
 from ..model import HeadConfig, build_architecture, model_state
 from ..safefiles import read_toml, write_json, write_safetensors
@@ -320,7 +320,7 @@ def pretrain_base(cfg: StarterConfig, out: Path, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr[0], weight_decay=0.05)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    bar = tqdm(range(cfg.pretrain_steps), desc="starter: pretrain base", unit="step", disable=not progress)
+    bar = progress_bar(range(cfg.pretrain_steps), desc="starter: pretrain base", unit="step", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.pretrain_steps, *cfg.pretrain_lr)
@@ -336,7 +336,7 @@ def pretrain_base(cfg: StarterConfig, out: Path, progress: bool = True) -> Path:
         loss.backward()
         opt.step()
         if step % 20 == 0:
-            bar.set_postfix(stats=f"{loss_stats.item():.4f}", quality=f"{loss_q.item():.4f}")
+            bar.set_postfix(stats=f"{loss_stats.item():.4f}", quality=f"{loss_q.item():.4f}", refresh=False)
     meta = {"format": BASE_FORMAT, "architecture": arch.to_json(), "starter": cfg.to_json()}
     return write_safetensors(out, model_state(model), meta)
 
