@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-
 from .errors import LaionfilterError
 from .log import progress_bar
 

@@ -3,19 +3,21 @@
 import os
 import sys
 
+from tqdm import autonotebook, std
 from tqdm.auto import tqdm
 
 # Where stderr is not a terminal (a batch job's log file, a pipe), a bar's every redraw is kept: at
 # tqdm's default of ten a second, a day of scoring would write some 80 MB of them. There it redraws
 # twice a minute instead, unless TQDM_MININTERVAL says otherwise.
 LOG_REFRESH_S = 30.0
+# Where tqdm.auto chose Jupyter's widget, redraws leave no lines behind: nothing to slow down.
+_WIDGET = autonotebook.tqdm is not std.tqdm
 
 
 def progress_bar(*args, **kwargs) -> tqdm:
     """A tqdm progress bar on stderr, redrawn every ``LOG_REFRESH_S`` when stderr is not a terminal."""
     kwargs.setdefault("file", sys.stderr)
-    notebook = "notebook" in type.__getattribute__(tqdm, "__module__")  # a widget writes no lines
-    if not notebook and not _is_terminal(kwargs["file"]) and "TQDM_MININTERVAL" not in {k.upper() for k in os.environ}:
+    if not _WIDGET and not _is_terminal(kwargs["file"]) and "TQDM_MININTERVAL" not in {k.upper() for k in os.environ}:
         kwargs.setdefault("mininterval", LOG_REFRESH_S)
     return tqdm(*args, **kwargs)
 

@@ -205,7 +205,7 @@ class MergedModels:
                     y = torch.cat([self._group_scores(split, model, part, x[j:j + step]) for j in range(0, len(x), step)], 1)
                 # one copy from the device per group, and no Python float per score: on a GPU with 512
                 # head profiles of the tiny ViT, per-profile copies and then Python floats were most of the time
-                y = y.float().cpu().numpy()
+                y = y.cpu().numpy()
                 out.update((self.names[i], y[k]) for k, i in enumerate(members))
         for rating, (name, cal) in self.ratings.items():
             out[rating] = np.asarray(cal(out[name]), dtype=np.float32)
