@@ -10,8 +10,8 @@ The scores are compared to float32's last bits, not bit for bit: MKL's float32 m
 differently by CPU and thread count. On an AMD EPYC (AVX-512; measured 2026-11-30) the same torch
 build gives 7 to 9 of the 14 rows one or two ulps away from this table (at most 9.5e-7, on scores
 near 8), and one thread (a DataLoader worker) differs from two (the main process) likewise; on the
-Intel machine that wrote the table, both paths gave it bit for bit. A change to the scoring path
-moves scores by far more.
+machines before it, both paths gave the table bit for bit (this test compared exactly then). A change
+to the scoring path moves scores by far more.
 """
 
 import io

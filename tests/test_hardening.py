@@ -465,10 +465,14 @@ def test_a_progress_bar_redraws_rarely_in_a_log_file_and_as_usual_on_a_terminal(
         def isatty(self):
             return True
 
+    def interval(file) -> float:
+        with progress_bar(total=3, file=file) as bar:
+            return bar.mininterval
+
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     with open(tmp_path / "job.log", "w") as log:
-        assert progress_bar(total=3, file=log).mininterval == LOG_REFRESH_S
+        assert interval(log) == LOG_REFRESH_S
         monkeypatch.setenv("TQDM_MININTERVAL", "5")  # the user's say: tqdm reads it (when imported)
-        assert progress_bar(total=3, file=log).mininterval != LOG_REFRESH_S
+        assert interval(log) != LOG_REFRESH_S
     monkeypatch.delenv("TQDM_MININTERVAL")
-    assert progress_bar(total=3, file=Terminal()).mininterval < 1
+    assert interval(Terminal()) < 1
