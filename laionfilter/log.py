@@ -17,7 +17,9 @@ _WIDGET = autonotebook.tqdm is not std.tqdm
 def progress_bar(*args, **kwargs) -> tqdm:
     """A tqdm progress bar on stderr, redrawn every ``LOG_REFRESH_S`` when stderr is not a terminal."""
     kwargs.setdefault("file", sys.stderr)
-    if not _WIDGET and not _is_terminal(kwargs["file"]) and "TQDM_MININTERVAL" not in {k.upper() for k in os.environ}:
+    # tqdm's own reading of the environment: the prefix TQDM_ as written, the option's name in any case
+    user_set = any(k.startswith("TQDM_") and k[5:].lower() == "mininterval" for k in os.environ)
+    if not _WIDGET and not user_set and not _is_terminal(kwargs["file"]):
         kwargs.setdefault("mininterval", LOG_REFRESH_S)
     return tqdm(*args, **kwargs)
 
