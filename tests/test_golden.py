@@ -11,7 +11,8 @@ differently by CPU and thread count. On an AMD EPYC (AVX-512; measured 2026-11-3
 build gives 7 to 9 of the 14 rows one or two ulps away from this table (at most 9.5e-7, on scores
 near 8), and one thread (a DataLoader worker) differs from two (the main process) likewise; on the
 machines before it, both paths gave the table bit for bit (this test compared exactly then). A change
-to the scoring path moves scores by far more.
+to the scoring path moves scores by far more. On one thread the two paths must write the very same
+bytes; `benchmarks/same_bytes.py` compares a past commit's part files with today's on one machine.
 """
 
 import io
@@ -62,16 +63,23 @@ def score_golden(root: Path, workers: int):
     out = root / f"scores-{workers}"
     score_shards(str(shard), profiles, out, bank=bank, cfg=ScoreConfig(workers=workers, batch_size=5, device="cpu"),
                  progress=False)
-    return pq.read_table(out / "golden.parquet")
+    return out / "golden.parquet"
 
 
 def test_scores_of_a_fixed_input_are_unchanged(tmp_path):
     want = pq.read_table(GOLDEN)
     scores = [f.name for f in want.schema if pa.types.is_floating(f.type)]
     assert scores == ["even", "ramp"]
-    # scored in the main process, and in a worker as the CPU path does
-    for workers in (0, 1):
-        got = score_golden(tmp_path, workers)
+    # scored in the main process, and in a worker as the CPU path does; both on one thread, as a worker runs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        parts = [score_golden(tmp_path, workers) for workers in (0, 1)]
+    finally:
+        torch.set_num_threads(threads)
+    assert parts[0].read_bytes() == parts[1].read_bytes()
+    for workers, part in enumerate(parts):
+        got = pq.read_table(part)
         assert got.schema.equals(want.schema), workers
         assert got.drop_columns(scores).equals(want.drop_columns(scores)), workers
         for name in scores:
