@@ -343,7 +343,7 @@ def learn(ratings, bank_path, out, shards, init, temperature, mix_scale, loss, l
     from .profile import learn_profiles
     from .bank import resolve_bank
 
-    kw = {} if temperature is None else {"mix_temperature" if init == "mixes" else "temperature": temperature}
+    kw = {} if temperature is None else {LearnConfig.temperature_field(init): temperature}
     cfg = LearnConfig(init=init, loss=loss, layer_agnostic=layer_agnostic, tune=tune, steps=steps,
                       batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration, folds=folds,
                       steps_from=_int_list(steps_from, "--steps-from"), tol=tol,

@@ -17,6 +17,12 @@ INITS = ("adaptive", "uniform", "best-fit", "mixes")
 LOSSES = ("bt", "mse")
 
 
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    """A clear error unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise LaionfilterError(f"{what} must be one of {', '.join(choices)}, not {value!r}")
+
+
 def anchor_weight(anchor: float, n_support: int, power: float) -> float:
     """(anchor / N)^power: the anchor penalty's weight for a support set of N ratings."""
     return (anchor / n_support) ** power
@@ -76,10 +82,8 @@ class LearnConfig:
     def __post_init__(self):
         if self.lr_end is None:
             object.__setattr__(self, "lr_end", self.lr / 10)
-        if self.init not in INITS:
-            raise LaionfilterError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
-        if self.loss not in LOSSES:
-            raise LaionfilterError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        check_choice("init", self.init, INITS)
+        check_choice("loss", self.loss, LOSSES)
         if not (self.temperature > 0 and self.mix_temperature > 0):
             raise LaionfilterError("temperature must be positive")
         if not self.mix_scale > 0:
@@ -90,8 +94,7 @@ class LearnConfig:
             raise LaionfilterError("anchor must be ≥ 0 and its power positive")
         if not re.fullmatch(r"all|head|top-\d+", self.tune):
             raise LaionfilterError(f"tune must be all, head or top-N (N blocks), not {self.tune!r}")
-        if self.calibration not in (*CALIBRATIONS, "none"):
-            raise LaionfilterError(f"calibration must be {', '.join(CALIBRATIONS)} or none, not {self.calibration!r}")
+        check_choice("calibration", self.calibration, (*CALIBRATIONS, "none"))
         if self.folds < 2:
             raise LaionfilterError("folds must be ≥ 2")
         if self.tol < 0 or self.patience < 1:
@@ -102,10 +105,15 @@ class LearnConfig:
         if self.tune != "all" and self.layer_agnostic:
             raise LaionfilterError("--tune and --layer-agnostic do not combine: choose one")
 
+    @staticmethod
+    def temperature_field(init: str) -> str:
+        """Which field holds the temperature of ``init``'s softmax (``--temperature`` sets that one)."""
+        return "mix_temperature" if init == "mixes" else "temperature"
+
     @property
     def start_temperature(self) -> float:
         """The temperature of the chosen start's softmax."""
-        return self.mix_temperature if self.init == "mixes" else self.temperature
+        return getattr(self, self.temperature_field(self.init))
 
     def anchor_weight(self, n_support: int) -> float:
         """The anchor penalty's weight with ``n_support`` ratings."""
