@@ -59,7 +59,7 @@ class _Heads:
         merged = [merge_weights(bank.pre, bank.tau, ["head.0.bias", "head.3.weight", "head.3.bias"],
                                 a[:, [idx["head.0.bias"], idx["head.3.weight"], idx["head.3.bias"]]]) for a in alphas]
         self.b0 = torch.stack([m["head.0.bias"] for m in merged]).to(device)  # [K, 512]
-        self.w3t = torch.stack([m["head.3.weight"].T for m in merged]).contiguous().to(device)  # [K, 512, 10]
+        self.w3 = torch.stack([m["head.3.weight"] for m in merged]).to(device)  # [K, 10, 512]
         self.b3 = torch.stack([m["head.3.bias"] for m in merged]).to(device)  # [K, 10]
         self.template = template.to(device)
 
@@ -82,7 +82,10 @@ class _Heads:
         for i in range(0, len(self.coef), block):
             j = slice(i, i + block)
             pre = (self.coef[j] @ basis).view(-1, n_img, hidden).add_(self.b0[j, None])
-            probs = torch.sigmoid(torch.bmm(torch.nn.functional.gelu(pre), self.w3t[j]).add_(self.b3[j, None]))
+            # the 10-wide second layer as W · Gᵀ, [block, 10, N]: G · Wᵀ, a product only 10 wide, ran 3.8×
+            # slower on the CPU (MKL, 8 profiles × 32 images: 186 against 49 µs), most of K = 512's cost
+            logits = torch.bmm(self.w3[j], torch.nn.functional.gelu(pre).transpose(1, 2)).add_(self.b3[j, :, None])
+            probs = torch.sigmoid(logits).transpose(1, 2)  # [block, N, 10]
             out.append((probs / probs.sum(-1, keepdim=True)) @ self.template)
         return torch.cat(out)
 
