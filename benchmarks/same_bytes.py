@@ -56,6 +56,8 @@ def main() -> None:
     before = tmp / "before"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(before), args.before], check=True)
     try:
+        if not (before / "tests" / "test_golden.py").exists():
+            sys.exit(f"{args.before} has no tests/test_golden.py: use 616cd6d or a later commit")
         old, new = score(before, tmp / "old"), score(ROOT, tmp / "new")
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=True)
