@@ -35,7 +35,7 @@ from tests.test_golden import score_golden
 assert Path(laionfilter.__file__).is_relative_to(Path.cwd()), laionfilter.__file__  # this tree's code
 root = Path(tempfile.mkdtemp())
 for workers in (0, 1):
-    score_golden(root, workers)
+    score_golden(root, workers)  # returns a table in early commits, the path later: read where both write
     (out / f"threads{threads}-workers{workers}.parquet").write_bytes((root / f"scores-{workers}" / "golden.parquet").read_bytes())
 """
 

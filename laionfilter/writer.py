@@ -86,11 +86,13 @@ class ShardRows:
     name: str
     profiles: list[str]
     started: float = field(default_factory=time.time)
-    columns: dict[str, list] = field(default_factory=dict)  # fixed columns: values; score columns: arrays
+    columns: dict[str, list] = field(default_factory=dict)  # the fixed columns' values, row by row
+    scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # per score column, one array per batch
     scored: list[np.ndarray] = field(default_factory=list)  # per batch: which of its rows have scores
 
     def __post_init__(self):
-        self.columns = {c: [] for c in FIXED_COLUMNS + self.profiles}
+        self.columns = {c: [] for c in FIXED_COLUMNS}
+        self.scores = {p: [] for p in self.profiles}
 
     def add(self, rows: list[dict[str, Any]], index: list[int], scores: dict[str, np.ndarray]) -> None:
         """A batch's rows (the fixed columns) and the scores of its rows ``index`` (those with pixels; the
@@ -103,16 +105,16 @@ class ShardRows:
         for p in self.profiles:
             column = np.zeros(len(rows), dtype=np.float32)
             column[index] = scores[p]
-            self.columns[p].append(column)
+            self.scores[p].append(column)
 
     def __len__(self) -> int:
         return len(self.columns["key"])
 
     def finish(self, out: Path, fingerprint: str, error: str | None) -> dict[str, Any]:
         null = ~np.concatenate(self.scored) if self.scored else np.zeros(0, dtype=bool)
-        columns = {c: self.columns[c] for c in FIXED_COLUMNS}
-        for p in self.profiles:
-            values = np.concatenate(self.columns[p]) if self.columns[p] else np.zeros(0, dtype=np.float32)
+        columns = dict(self.columns)
+        for p, batches in self.scores.items():
+            values = np.concatenate(batches) if batches else np.zeros(0, dtype=np.float32)
             columns[p] = pa.array(values, type=pa.float32(), mask=null)
         table = pa.table(columns, schema=schema(self.profiles))
         with atomic_write(out / f"{self.name}.parquet") as tmp:
