@@ -51,6 +51,11 @@ def bank_option(default: str | None = "starter"):
 threads_option = click.option(
     "--threads", type=int, help="CPU threads for learning (default: 1 for small models such as the starter bank's, "
                                 "which slow down sharply beside other busy processes; every core otherwise).")
+jobs_option = click.option(
+    "--jobs", type=int, envvar="LAIONFILTER_JOBS",
+    help="Fits run at once (the out-of-fold fits and the final one), each in its own process on the CPU "
+         "[default: the cores over --threads, so 2 fits on 2 cores with the starter bank; 1 on a GPU]. "
+         "Env: LAIONFILTER_JOBS.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
@@ -220,7 +225,8 @@ def bank_info_cmd(bank_path, as_json, plot):
 @click.option("--out", type=click.Path(dir_okay=False), help="Write them as a CSV (image, empty score) to fill in.")
 @click.option("--steps", type=int, default=RECIPE.steps, show_default=True, help="--by fit: learning steps of each fit.")
 @device_option()
-def suggest(source, bank_path, ratings, by, count, out, steps, device):
+@jobs_option
+def suggest(source, bank_path, ratings, by, count, out, steps, device, jobs):
     """Suggest the images of SOURCE whose ratings would tell the most (where the task models, or with
     --by fit the fits of the ratings so far, disagree).
 
@@ -237,7 +243,8 @@ def suggest(source, bank_path, ratings, by, count, out, steps, device):
     # Images are named relative to the file they go to, as rate names them: --out, else --ratings.
     items = collect_images(source, out=Path(out) if out else Path(ratings) if ratings else None)
     recipe = LearnConfig(steps=steps, device=device)
-    for label in run(items, resolve_bank(bank_path), count, ratings=ratings, out=out, recipe=recipe, by=by):
+    for label in run(items, resolve_bank(bank_path), count, ratings=ratings, out=out, recipe=recipe, by=by,
+                     jobs=jobs):
         click.echo(label)
     if out:
         click.echo(f"{out}: {count} images to rate", err=True)
@@ -332,8 +339,9 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @seed_option()
 @device_option()
 @threads_option
+@jobs_option
 def learn(ratings, bank_path, out, shards, init, temperature, mix_scale, loss, layer_agnostic, tune, steps, lr, batch_size,
-          anchor, calibration, folds, steps_from, tol, seed, device, threads):
+          anchor, calibration, folds, steps_from, tol, seed, device, threads, jobs):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -348,7 +356,8 @@ def learn(ratings, bank_path, out, shards, init, temperature, mix_scale, loss, l
                       batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration, folds=folds,
                       steps_from=_int_list(steps_from, "--steps-from"), tol=tol,
                       anchor=anchor, mix_scale=mix_scale, **kw)
-    for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads):
+    for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads,
+                                  jobs=jobs):
         m = profile.meta
         oof = m.get("out_of_fold")
         click.echo(f"{profile.path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "

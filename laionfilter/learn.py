@@ -20,9 +20,13 @@ ordered pair in the batch, and keeps the learning rate constant.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
+import multiprocessing as mp
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -35,7 +39,7 @@ from .errors import LaionfilterError
 from .log import progress_bar
 from .merge import merge_weights
 from .metrics import srocc
-from .model import count_blocks, layer_stage, pick_device
+from .model import count_blocks, layer_stage, pick_device, usable_cores
 from .recipe import LearnConfig, anchor_weight
 
 
@@ -285,23 +289,88 @@ def _full(alpha: torch.Tensor, cfg: LearnConfig, n: int, L: int) -> torch.Tensor
     return alpha.detach().float().cpu().clone().contiguous()
 
 
+def fold_plan(n_img: int, cfg: LearnConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, held-out) image indices of each of ``cfg.folds`` folds (at most one per image), drawn
+    from ``cfg.seed``."""
+    k = min(cfg.folds, n_img)
+    fold = np.random.default_rng([cfg.seed, n_img]).permutation(n_img) % k
+    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(k)]
+
+
+def fit_processes(merger: Merger, jobs: int | None = None) -> int:
+    """How many fits to run at once: ``jobs`` if given, else, on the CPU, the cores over each fit's
+    torch threads (a fit on a small model runs on one thread and would leave the other cores idle);
+    1 on a GPU, off Linux (the fits run in forked processes) and inside a daemonic process (a
+    benchmark's worker), which may not start processes of its own."""
+    if jobs is not None:
+        if jobs < 1:
+            raise LaionfilterError(f"--jobs must be ≥ 1, not {jobs}")
+        return jobs if merger.device.type == "cpu" and sys.platform == "linux" else 1
+    if merger.device.type != "cpu" or sys.platform != "linux" or mp.current_process().daemon:
+        return 1
+    return max(1, usable_cores() // torch.get_num_threads())
+
+
+# The fits of one run_fits call and its step counter, set before the pool forks its workers, which
+# inherit them: the merger's tensors are shared by the fork, never pickled.
+_FORKED: tuple[list[Callable[..., dict[str, Any]]], Any, int] | None = None
+
+
+def _forked_fit(i: int) -> dict[str, Any]:
+    jobs, counter, threads = _FORKED
+    torch.set_num_threads(threads)
+
+    def on_step(k: int) -> None:
+        with counter.get_lock():
+            counter.value += k
+    return jobs[i](on_step=on_step)
+
+
+def run_fits(jobs: list[Callable[..., dict[str, Any]]], processes: int = 1,
+             on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+    """Each job (a ``fit`` waiting only for its ``on_step``) run, in this process or in up to
+    ``processes`` forked ones, with the same results either way (each fit is seeded, each runs on the
+    same number of threads); ``on_step`` is told of every step, from whichever process made it."""
+    processes = min(processes, len(jobs))
+    if processes <= 1:
+        return [job(on_step=on_step) for job in jobs]
+    global _FORKED
+    ctx = mp.get_context("fork")
+    counter = ctx.Value("q", 0)
+    _FORKED = (jobs, counter, torch.get_num_threads())
+    try:
+        with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+            pending = futures = [pool.submit(_forked_fit, i) for i in range(len(jobs))]
+            told = 0
+            while pending:
+                _, pending = wait(pending, timeout=0.25)
+                if on_step and counter.value > told:
+                    on_step(counter.value - told)
+                    told = counter.value
+            return [f.result() for f in futures]
+    finally:
+        _FORKED = None
+
+
 def fold_fits(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
               task_preds: np.ndarray | None = None, steps: tuple[int, ...] | None = None,
               on_step: Callable[[int], Any] | None = None,
-              mix_preds: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-    """The recipe ``cfg`` fitted once per fold (``cfg.folds``, at most one per image) on the other
-    folds, each with its adaptive start taken from the images it trains on: (held-out indices, the
-    fit, with ``alpha_at`` at each of ``steps``, default ``cfg.steps``). The folds are drawn from
-    ``cfg.seed``."""
+              mix_preds: np.ndarray | None = None, processes: int = 1) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """The recipe ``cfg`` fitted once per fold (``fold_plan``) on the other folds, each with its start
+    taken from the images it trains on: (held-out indices, the fit, with ``alpha_at`` at each of
+    ``steps``, default ``cfg.steps``), the fits run as ``run_fits`` runs them."""
     steps = tuple(steps) if steps else (cfg.steps,)
-    n_img = len(scores)
     task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds)  # once for every fold
-    k = min(cfg.folds, n_img)
-    fold = np.random.default_rng([cfg.seed, n_img]).permutation(n_img) % k
-    for f in range(k):
-        train, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        yield held, fit(merger, pixels[train], scores[train], cfg, task_preds=task_preds[:, train], checkpoints=steps,
-                        on_step=on_step, mix_preds=None if mix_preds is None else mix_preds[:, train])
+    plan = fold_plan(len(scores), cfg)
+    fits = run_fits([_fold_job(merger, pixels, scores, cfg, task_preds, mix_preds, train, steps) for train, _ in plan],
+                    processes, on_step)
+    return [(held, r) for (_, held), r in zip(plan, fits)]
+
+
+def _fold_job(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig, task_preds: np.ndarray,
+              mix_preds: np.ndarray | None, train: np.ndarray, steps: tuple[int, ...]) -> Callable[..., dict[str, Any]]:
+    return functools.partial(fit, merger, pixels[train], scores[train], cfg, task_preds=task_preds[:, train],
+                             checkpoints=steps, mix_preds=None if mix_preds is None else mix_preds[:, train])
 
 
 def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
@@ -310,8 +379,15 @@ def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: L
     """Each support image's score by a fit on the other folds (``fold_fits``), at each step count in
     ``steps`` (default: ``cfg.steps``); {steps: [N] predictions}."""
     steps = tuple(steps) if steps else (cfg.steps,)
-    oof = {s: np.zeros(len(scores)) for s in steps}
-    for held, r in fold_fits(merger, pixels, scores, cfg, task_preds, steps, on_step, mix_preds):
+    return oof_predictions(merger, pixels, fold_fits(merger, pixels, scores, cfg, task_preds, steps, on_step, mix_preds),
+                           steps)
+
+
+def oof_predictions(merger: Merger, pixels: torch.Tensor, fits: list[tuple[np.ndarray, dict[str, Any]]],
+                    steps: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """{steps: each image's score by the fold fit that left it out, at that step count}."""
+    oof = {s: np.zeros(len(pixels)) for s in steps}
+    for held, r in fits:
         for s in steps:
             oof[s][held] = merger.predict(r["alpha_at"][s], pixels[held])
     return oof
@@ -320,28 +396,36 @@ def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: L
 def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: LearnConfig,
                task_preds: np.ndarray | None = None, pairs: np.ndarray | None = None, progress: bool = False,
                desc: str = "learn", on_step: Callable[[int], Any] | None = None,
-               mix_preds: np.ndarray | None = None) -> dict[str, Any]:
+               mix_preds: np.ndarray | None = None, processes: int = 1) -> dict[str, Any]:
     """``fit``, plus what the recipe adds from the support set itself when it has ratings: out-of-fold
     predictions (``out_of_fold``) choose the step count among ``cfg.steps_from`` and fit the calibration
     (``calibration``, a ``Calibration``). Also returns ``oof`` (the chosen step's out-of-fold scores),
-    ``oof_srocc`` per candidate, ``steps_chosen`` and ``folds`` (how many fits made them)."""
+    ``oof_srocc`` per candidate, ``steps_chosen`` and ``folds`` (how many fits made them).
+
+    ``processes`` > 1 runs the fold fits, and the final fit when it does not wait for their choice of
+    steps, side by side (``run_fits``): the same results, sooner."""
     if pairs is not None or not cfg.uses_folds:
         return fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc,
                    on_step=on_step, pairs=pairs, mix_preds=mix_preds)
     started = time.time()
     task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds, progress and on_step is None)
     candidates = cfg.steps_from or (cfg.steps,)
-    folds = min(cfg.folds, len(scores))
-    bar = progress_bar(total=folds * max(candidates), desc=f"{desc}: {folds} out-of-fold fits", unit="step",
-                       disable=not progress or on_step is not None, leave=False)
-    oof = out_of_fold(merger, pixels, scores, cfg, task_preds, candidates, on_step or bar.update,
-                      mix_preds)
+    plan = fold_plan(len(scores), cfg)
+    jobs = [_fold_job(merger, pixels, scores, cfg, task_preds, mix_preds, train, candidates) for train, _ in plan]
+    final = functools.partial(fit, merger, pixels, scores, cfg, task_preds=task_preds, mix_preds=mix_preds)
+    together = processes > 1 and len(candidates) == 1  # the final fit's steps are known before the folds end
+    if together:
+        jobs.append(functools.partial(final, checkpoints=candidates))
+    total = len(plan) * max(candidates) + (cfg.steps if together else 0)
+    bar = progress_bar(total=total, desc=f"{desc}: {len(jobs)} fits" + (f", {min(processes, len(jobs))} at once" if processes > 1 else
+                       " out of fold"), unit="step", disable=not progress or on_step is not None, leave=False)
+    fits = run_fits(jobs, processes, on_step or bar.update)
     bar.close()
+    oof = oof_predictions(merger, pixels, list(zip([held for _, held in plan], fits)), candidates)
     cv = {s: srocc(scores, oof[s]) for s in candidates}
     chosen = max(candidates, key=lambda s: (cv[s], -s))  # a tie goes to fewer steps
-    r = fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc, on_step=on_step,
-            checkpoints=(chosen,), mix_preds=mix_preds)
-    r.update(oof=oof[chosen], oof_srocc={str(s): v for s, v in cv.items()}, steps_chosen=chosen, folds=folds,
+    r = fits[-1] if together else final(progress=progress, desc=desc, on_step=on_step, checkpoints=(chosen,))
+    r.update(oof=oof[chosen], oof_srocc={str(s): v for s, v in cv.items()}, steps_chosen=chosen, folds=len(plan),
              seconds=round(time.time() - started, 2))  # the out-of-fold fits included
     if cfg.calibration != "none":
         r["calibration"] = fit_calibration(oof[chosen], scores, cfg.calibration)

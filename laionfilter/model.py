@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -367,6 +368,11 @@ def pick_device(name: str = "auto") -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise LaionfilterError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
     return dev
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def autocast(device: torch.device):

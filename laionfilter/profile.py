@@ -19,7 +19,7 @@ from .bank import Bank, find_bank
 from .errors import LaionfilterError
 from .formats import PROFILE_FORMAT, validate
 from .calibrate import Calibration
-from .learn import Merger, fit_recipe, learn_device, learning_threads
+from .learn import Merger, fit_processes, fit_recipe, learn_device, learning_threads
 from .log import note
 from .model import ScoreModel, eval_transform
 from .names import check_name, child_path
@@ -83,10 +83,11 @@ def load_profile(path: str | os.PathLike) -> Profile:
 
 def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLike, cfg: LearnConfig = LearnConfig(),
                    shards: str | None = None, progress: bool = True, name: str | None = None,
-                   threads: int | None = None) -> list[Profile]:
+                   threads: int | None = None, jobs: int | None = None) -> list[Profile]:
     """Learn one profile per user in the ratings file; ``out`` is a file, or a folder for several users.
 
-    ``threads``: CPU threads (default: see ``learning_threads``)."""
+    ``threads``: CPU threads per fit (default: see ``learning_threads``); ``jobs``: fits at once
+    (default: see ``fit_processes``)."""
     out = Path(out)
     with learning_threads(bank, threads):
         arch = bank.architecture
@@ -95,12 +96,13 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
         if multi:
             out.mkdir(parents=True, exist_ok=True)
         merger = Merger(bank, learn_device(cfg))
+        processes = fit_processes(merger, jobs)
         written = []
         for sup in table.supports:
             if len(sup.images) < 10:
                 note(f"user {sup.user!r}: {len(sup.images)} images; the method is meant for 10 or more")
             result = fit_recipe(merger, sup.pixels, sup.scores, cfg, pairs=sup.pairs, progress=progress,
-                                desc=f"learn {sup.user}")
+                                desc=f"learn {sup.user}", processes=processes)
             meta = {
                 "format": PROFILE_FORMAT,
                 "laionfilter_version": __version__,

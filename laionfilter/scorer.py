@@ -22,7 +22,7 @@ from .images import MAX_PIXELS, Preprocessor
 from .log import note, progress_bar
 from .mapper import Batch, ShardDone, shard_batches
 from .merge import merge_weights
-from .model import ScoreModel, autocast, count_blocks, layer_stage, pick_device
+from .model import ScoreModel, autocast, count_blocks, layer_stage, pick_device, usable_cores
 from .profile import Profile
 from .reader import shard_name
 from .writer import ShardRows, rating_columns
@@ -39,8 +39,7 @@ def scoring_device(name: str = "auto") -> torch.device:
 
 def default_workers() -> int:
     """One worker per core this process may use, shared with the other processes of a torchrun launch."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 class _Heads:

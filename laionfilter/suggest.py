@@ -57,13 +57,14 @@ def select_active(preds: np.ndarray, k: int, rated: list[int] | None = None) -> 
 MIN_RATINGS = 4
 
 
-def fit_predictions(merger, rated_pixels, rated_scores: np.ndarray, cfg, pixels) -> np.ndarray:
+def fit_predictions(merger, rated_pixels, rated_scores: np.ndarray, cfg, pixels, processes: int = 1) -> np.ndarray:
     """[folds, M]: the predictions on ``pixels`` of the recipe ``cfg`` fitted on each fold of the
-    ratings so far (``learn.fold_fits``); ``select_active`` on them picks where those fits disagree."""
+    ratings so far (``learn.fold_fits``, ``processes`` fits at once); ``select_active`` on them picks
+    where those fits disagree."""
     from .learn import fold_fits
 
     return np.stack([merger.predict(r["alpha_at"][cfg.steps], pixels)
-                     for _, r in fold_fits(merger, rated_pixels, rated_scores, cfg)])
+                     for _, r in fold_fits(merger, rated_pixels, rated_scores, cfg, processes=processes)])
 
 
 def can_fit(scores: np.ndarray) -> bool:
@@ -123,13 +124,14 @@ def rated_so_far(path: str) -> dict[str, float | None]:
 
 
 def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | None = None,
-            recipe=None, by: str = "tasks") -> list[str]:
+            recipe=None, by: str = "tasks", jobs: int | None = None) -> list[str]:
     """The labels of the ``n`` images among ``items`` (``rate.collect_images``) to rate next; written
     as a CSV with an empty ``score`` column when ``out`` is given. ``ratings``: a file rated so far
     (its images count as picked). ``by``: ``tasks`` (where the task models disagree) or ``fit`` (where
-    fits of ``ratings`` by ``recipe``, default the default recipe, disagree; ``MIN_RATINGS`` needed)."""
+    fits of ``ratings`` by ``recipe``, default the default recipe, disagree; ``MIN_RATINGS`` needed;
+    ``jobs`` of them at once, default: see ``learn.fit_processes``)."""
     from .errors import LaionfilterError
-    from .learn import Merger, learning_threads
+    from .learn import Merger, fit_processes, learning_threads
     from .recipe import LearnConfig
     from .log import note
     from .model import pick_device
@@ -150,7 +152,7 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
                                    f"{ratings or 'no ratings file'} has {len(scored)}")
         note(f"{ratings}: {len(scored)} ratings; choosing where {min(recipe.folds, len(scored))} fits of them disagree")
         with learning_threads(bank):
-            preds = fit_predictions(merger, pixels[scored], y, recipe, pixels)
+            preds = fit_predictions(merger, pixels[scored], y, recipe, pixels, fit_processes(merger, jobs))
     labels = [items[kept[j]].label for j in select_active(preds, n, rated)]
     if out:
         from .safefiles import atomic_write

@@ -110,6 +110,27 @@ def test_each_image_is_scored_by_a_fit_that_never_saw_it(support, monkeypatch):
         np.testing.assert_allclose(oof[0][idx], merger.predict(start, sup.pixels[idx]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("steps_from", [(), (0, 4)])
+def test_fits_run_side_by_side_give_the_same_result_as_one_after_another(support, steps_from):
+    merger, sup = support
+    cfg = LearnConfig(steps=4, device="cpu", folds=3, calibration="linear", steps_from=steps_from)
+    results, told = {}, {}
+    for processes in (1, 2):
+        steps = []
+        results[processes] = fit_recipe(merger, sup.pixels, sup.scores, cfg, on_step=steps.append, processes=processes)
+        told[processes] = sum(steps)
+    one, two = results[1], results[2]
+    assert torch.equal(one["alpha"], two["alpha"])
+    assert np.array_equal(one["oof"], two["oof"]) and one["steps_chosen"] == two["steps_chosen"]
+    assert one["calibration"] == two["calibration"]
+    assert told[1] == told[2] == 3 * 4 + one["steps_chosen"]  # every fold's steps and the final fit's, reported
+
+
+def test_jobs_must_be_positive(ratings_csv, small_bank, tmp_path):
+    r = run("learn", ratings_csv, "--bank", small_bank.path, "--out", tmp_path / "p.profile", "--jobs", "0")
+    assert r.exit_code != 0 and "--jobs must be ≥ 1, not 0" in r.output
+
+
 def test_the_support_set_chooses_the_step_count_and_the_profile_records_why(support, ratings_csv, small_bank, tmp_path):
     merger, sup = support
     cfg = LearnConfig(steps=8, device="cpu", steps_from=(8, 0, 4), folds=3, calibration="linear")
