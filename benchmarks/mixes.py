@@ -17,11 +17,17 @@ Two ways of choosing from the support set itself can be added (both measured and
 README): ``--bags B``, the mixes' softmax weights averaged over B bootstrap resamples of the ratings
 (seeded by the split), and ``--loo``, T chosen per user by leave-one-out over the ratings.
 ``--scales`` measures the mixes start at T = 0.1 with its coefficients scaled (``learn --mix-scale``).
+``--ridge`` measures a start from regression instead of weighing (measured and not taken up, README):
+the ratings regressed on the task models' standardised support predictions with a ridge penalty λ,
+the coefficients back in prediction units and scaled to Σ|α| = 1.25 (the default start's scale); also
+that regression's own prediction (the task models' outputs combined, no merge) and the mean of the
+ridge start and the default one.
 
     python benchmarks/at_scale.py --users 12 --simulate-only --plan "recipe:10:seed0,seed1,against2" --out at-scale
     python benchmarks/mixes.py --data at-scale --sets seed0 --out mixes-seed0.json  # about 6 min on one core
     python benchmarks/mixes.py --data at-scale --sets seed0 --temperatures 0.05,0.1,0.2 --bags 50 --loo --out ...
     python benchmarks/mixes.py --data at-scale --sets seed0 --temperatures 0.1 --scales 0.6,0.8,1.25,1.5,2 --out ...
+    python benchmarks/mixes.py --data at-scale --sets seed0 --temperatures 0.1 --scales 1.25 --ridge 1,3,10,30 --out ...
 
 Settings are chosen on the first set (seed0); run the others as held-out checks.
 """
@@ -53,16 +59,19 @@ def libraries(n: int) -> dict[str, np.ndarray]:
 
 def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.ndarray, sup: np.ndarray,
                 test: np.ndarray, temperatures: list[float], bags: int = 0,
-                loo: bool = False, chosen: list[float] | None = None, scales: list[float] = ()) -> dict[str, float]:
+                loo: bool = False, chosen: list[float] | None = None, scales: list[float] = (),
+                ridge: list[float] = ()) -> dict[str, float]:
     """Test SROCC of each library's best candidate and softmax mean, from the support images ``sup``
     (``chosen`` collects the temperatures leave-one-out picks); with ``scales``, also the mixes'
     softmax mean at T = 0.1 (``learn --init mixes``) with its coefficients times each scale."""
     coef = mixes(merger.bank.n)
     zs = np.array([srocc(y[sup], p[sup]) for p in preds])
 
-    def merged(w: np.ndarray, rows: np.ndarray, scale: float = 1.0) -> float:  # test SROCC of the candidates mixed by w
-        alpha = torch.tensor(scale * (w / w.sum()) @ coef[rows], dtype=torch.float32)
-        return srocc(y[test], merger.predict(alpha, pixels)[test])
+    def merged_alpha(alpha: np.ndarray) -> float:  # test SROCC of the merge with these per-task coefficients
+        return srocc(y[test], merger.predict(torch.tensor(alpha, dtype=torch.float32), pixels)[test])
+
+    def merged(w: np.ndarray, rows: np.ndarray, scale: float = 1.0) -> float:  # the candidates mixed by w
+        return merged_alpha(scale * (w / w.sum()) @ coef[rows])
 
     out = {}
     for lib, rows in libraries(merger.bank.n).items():
@@ -72,6 +81,17 @@ def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.n
     rows = libraries(merger.bank.n)["mixes"]
     for scale in scales:
         out[f"mixes, soft T=0.1, ×{scale:g}"] = merged(softmax(zs[rows] / 0.1), rows, scale)
+    n = merger.bank.n
+    x = preds[:n, sup].T  # the task models' support predictions, [support, n]
+    sd = x.std(axis=0) + 1e-9
+    xs, ys = (x - x.mean(axis=0)) / sd, (y[sup] - y[sup].mean()) / (y[sup].std() + 1e-9)
+    default = 1.25 * softmax(zs[rows] / 0.1) @ coef[rows]
+    for lam in ridge:
+        w = np.linalg.solve(xs.T @ xs + lam * np.eye(n), xs.T @ ys) / sd  # per unit of each task's prediction
+        a = 1.25 * w / np.abs(w).sum()
+        out[f"ridge λ={lam:g}"] = merged_alpha(a)
+        out[f"ridge λ={lam:g}, its prediction"] = srocc(y[test], w @ preds[:n, test])
+        out[f"ridge λ={lam:g}, mean with the default start"] = merged_alpha((a + default) / 2)
     if bags:
         # bagging: the softmax weights averaged over bootstrap resamples of the support set
         rng = np.random.default_rng(len(sup) * 7919 + int(sup.sum()))
@@ -109,6 +129,7 @@ def main() -> None:
     ap.add_argument("--bags", type=int, default=0, help="also the mixes' softmax averaged over this many bootstrap resamples")
     ap.add_argument("--loo", action="store_true", help="also the mixes at a T chosen per user by leave-one-out")
     ap.add_argument("--scales", default="", help="also the mixes at T = 0.1 with the start times each of these (e.g. 0.8,1.25)")
+    ap.add_argument("--ridge", default="", help="also a ridge-regression start at each of these penalties (e.g. 1,3,10)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -128,7 +149,8 @@ def main() -> None:
                 if len(set(user.scores[sup].tolist())) < 2:
                     continue
                 picks = split_picks(merger, user.pixels, user.scores, preds, sup, test, temperatures, args.bags, args.loo,
-                                    chosen, [float(x) for x in args.scales.split(",") if x])
+                                    chosen, [float(x) for x in args.scales.split(",") if x],
+                                    [float(x) for x in args.ridge.split(",") if x])
                 runs += [{"user": user.user, "trial": trial, "method": m, "srocc": v} for m, v in picks.items()]
             print(f"{name}: {user.user} done", flush=True)
         summary = {}
