@@ -53,9 +53,9 @@ threads_option = click.option(
                                 "which slow down sharply beside other busy processes; every core otherwise).")
 jobs_option = click.option(
     "--jobs", type=int, envvar="LAIONFILTER_JOBS",
-    help="Fits run at once (the out-of-fold fits and the final one), each in its own process on the CPU "
-         "[default: the cores over --threads, so 2 fits on 2 cores with the starter bank; 1 on a GPU]. "
-         "Env: LAIONFILTER_JOBS.")
+    help="Fits run at once (the out-of-fold fits and the final one), each in its own process on one CPU "
+         "thread [default: one per core where each fit runs on one thread anyway (small models such as the "
+         "starter bank's), else 1; 1 on a GPU]. Env: LAIONFILTER_JOBS.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 

@@ -26,7 +26,6 @@ import math
 import multiprocessing as mp
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -298,27 +297,29 @@ def fold_plan(n_img: int, cfg: LearnConfig) -> list[tuple[np.ndarray, np.ndarray
 
 
 def fit_processes(merger: Merger, jobs: int | None = None) -> int:
-    """How many fits to run at once: ``jobs`` if given, else, on the CPU, the cores over each fit's
-    torch threads (a fit on a small model runs on one thread and would leave the other cores idle);
-    1 on a GPU, off Linux (the fits run in forked processes) and inside a daemonic process (a
-    benchmark's worker), which may not start processes of its own."""
-    if jobs is not None:
-        if jobs < 1:
-            raise LaionfilterError(f"--jobs must be ≥ 1, not {jobs}")
-        return jobs if merger.device.type == "cpu" and sys.platform == "linux" else 1
+    """How many fits to run at once, each in a forked process on one CPU thread: ``jobs`` if given,
+    else, when each fit runs on one thread already (small models, see ``learning_threads``), one per
+    core, which a fit would otherwise leave idle. 1 on a GPU, off Linux and inside a daemonic process
+    (a benchmark's worker), which may not start processes of its own."""
+    if jobs is not None and jobs < 1:
+        raise LaionfilterError(f"--jobs must be ≥ 1, not {jobs}")
     if merger.device.type != "cpu" or sys.platform != "linux" or mp.current_process().daemon:
         return 1
-    return max(1, usable_cores() // torch.get_num_threads())
+    if jobs is None:
+        return usable_cores() if torch.get_num_threads() == 1 else 1
+    if jobs > 1 and torch.get_num_threads() != 1:
+        raise LaionfilterError(f"--jobs {jobs} runs each fit in its own process on one thread; torch runs "
+                               f"{torch.get_num_threads()} per fit here: add --threads 1, or use --jobs 1")
+    return jobs
 
 
 # The fits of one run_fits call and its step counter, set before the pool forks its workers, which
 # inherit them: the merger's tensors are shared by the fork, never pickled.
-_FORKED: tuple[list[Callable[..., dict[str, Any]]], Any, int] | None = None
+_FORKED: tuple[list[Callable[..., dict[str, Any]]], Any] | None = None
 
 
 def _forked_fit(i: int) -> dict[str, Any]:
-    jobs, counter, threads = _FORKED
-    torch.set_num_threads(threads)
+    jobs, counter = _FORKED
 
     def on_step(k: int) -> None:
         with counter.get_lock():
@@ -329,25 +330,33 @@ def _forked_fit(i: int) -> dict[str, Any]:
 def run_fits(jobs: list[Callable[..., dict[str, Any]]], processes: int = 1,
              on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
     """Each job (a ``fit`` waiting only for its ``on_step``) run, in this process or in up to
-    ``processes`` forked ones, with the same results either way (each fit is seeded, each runs on the
-    same number of threads); ``on_step`` is told of every step, from whichever process made it."""
+    ``processes`` forked ones, with the same results either way (each fit is seeded, and runs on one
+    thread); ``on_step`` is told of every step, from whichever process made it."""
     processes = min(processes, len(jobs))
     if processes <= 1:
         return [job(on_step=on_step) for job in jobs]
+    if torch.get_num_threads() != 1:
+        # a process forked after torch's OpenMP threads ran hangs in its first parallel region
+        raise LaionfilterError(f"fits run side by side on one thread each; torch runs {torch.get_num_threads()} here")
     global _FORKED
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
-    _FORKED = (jobs, counter, torch.get_num_threads())
+    _FORKED = (jobs, counter)
     try:
-        with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
-            pending = futures = [pool.submit(_forked_fit, i) for i in range(len(jobs))]
-            told = 0
-            while pending:
-                _, pending = wait(pending, timeout=0.25)
+        # leaving the block terminates the workers: at once on an error or Ctrl-C, instead of letting
+        # them go on to the fits still queued
+        with ctx.Pool(processes) as pool:
+            fits, told, done = [pool.apply_async(_forked_fit, (i,)) for i in range(len(jobs))], 0, False
+            while not done:
+                next(f for f in fits if not f.ready()).wait(0.25)
+                for f in fits:
+                    if f.ready() and not f.successful():
+                        f.get()  # raises the fit's error now, not once the others are done
+                done = all(f.ready() for f in fits)
                 if on_step and counter.value > told:
                     on_step(counter.value - told)
                     told = counter.value
-            return [f.result() for f in futures]
+            return [f.get() for f in fits]
     finally:
         _FORKED = None
 

@@ -13,7 +13,7 @@ from laionfilter.calibrate import Calibration, fit_calibration
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
 from laionfilter.evaluate import rating_errors
-from laionfilter.learn import Merger, fit, fit_recipe, out_of_fold
+from laionfilter.learn import Merger, fit, fit_recipe, learning_threads, out_of_fold
 from laionfilter.recipe import LearnConfig
 from laionfilter.model import eval_transform
 from laionfilter.profile import Profile, learn_profiles, load_profile
@@ -115,10 +115,12 @@ def test_fits_run_side_by_side_give_the_same_result_as_one_after_another(support
     merger, sup = support
     cfg = LearnConfig(steps=4, device="cpu", folds=3, calibration="linear", steps_from=steps_from)
     results, told = {}, {}
-    for processes in (1, 2):
-        steps = []
-        results[processes] = fit_recipe(merger, sup.pixels, sup.scores, cfg, on_step=steps.append, processes=processes)
-        told[processes] = sum(steps)
+    with learning_threads(merger.bank, 1):  # side by side, each fit runs on one thread
+        for processes in (1, 2):
+            steps = []
+            results[processes] = fit_recipe(merger, sup.pixels, sup.scores, cfg, on_step=steps.append,
+                                            processes=processes)
+            told[processes] = sum(steps)
     one, two = results[1], results[2]
     assert torch.equal(one["alpha"], two["alpha"])
     assert np.array_equal(one["oof"], two["oof"]) and one["steps_chosen"] == two["steps_chosen"]
@@ -126,9 +128,14 @@ def test_fits_run_side_by_side_give_the_same_result_as_one_after_another(support
     assert told[1] == told[2] == 3 * 4 + one["steps_chosen"]  # every fold's steps and the final fit's, reported
 
 
-def test_jobs_must_be_positive(ratings_csv, small_bank, tmp_path):
+def test_jobs_must_be_positive_and_run_on_one_thread_each(ratings_csv, small_bank, tmp_path):
     r = run("learn", ratings_csv, "--bank", small_bank.path, "--out", tmp_path / "p.profile", "--jobs", "0")
     assert r.exit_code != 0 and "--jobs must be ≥ 1, not 0" in r.output
+    # a process forked after torch's threads ran would hang: refused, saying what to do instead
+    r = run("learn", ratings_csv, "--bank", small_bank.path, "--out", tmp_path / "p.profile", "--jobs", "2",
+            "--threads", "2")
+    assert r.exit_code != 0 and "add --threads 1, or use --jobs 1" in r.output
+    assert not (tmp_path / "p.profile").exists()
 
 
 def test_the_support_set_chooses_the_step_count_and_the_profile_records_why(support, ratings_csv, small_bank, tmp_path):

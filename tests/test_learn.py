@@ -350,3 +350,26 @@ def test_a_fit_that_sees_the_whole_support_each_step_stops_once_its_loss_settles
     assert (stopped["alpha"] - full["alpha"]).abs().max() < 0.25 * (full["alpha"] - full["alpha_init"]).abs().max()
     minibatch = fit(merger, pixels, scores, replace(cfg, batch_size=4, steps=20, patience=2))
     assert minibatch["loss_curve"]["steps"] == 20  # a minibatch's loss is noisy: never a reason to stop
+
+
+def test_a_fit_that_fails_in_its_process_stops_the_others_and_queues_nothing_more(tmp_path):
+    import multiprocessing as mp
+    import time
+
+    from laionfilter.learn import run_fits
+
+    def fails(on_step):
+        on_step(1)
+        raise LaionfilterError("fit 0 broke")
+
+    def slow(i):
+        def job(on_step):
+            time.sleep(3)
+            (tmp_path / f"{i}.done").touch()
+            return {}
+        return job
+
+    with pytest.raises(LaionfilterError, match="fit 0 broke"):
+        run_fits([fails] + [slow(i) for i in range(1, 6)], processes=2)
+    assert mp.active_children() == []  # the processes are gone, not finishing the fits still queued
+    assert list(tmp_path.iterdir()) == []
