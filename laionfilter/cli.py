@@ -52,10 +52,10 @@ threads_option = click.option(
     "--threads", type=int, help="CPU threads for learning (default: 1 for small models such as the starter bank's, "
                                 "which slow down sharply beside other busy processes; every core otherwise).")
 jobs_option = click.option(
-    "--jobs", type=int, envvar="LAIONFILTER_JOBS",
-    help="Fits run at once (the out-of-fold fits and the final one), each in its own process on one CPU "
-         "thread [default: one per core where each fit runs on one thread anyway (small models such as the "
-         "starter bank's), else 1; 1 on a GPU]. Env: LAIONFILTER_JOBS.")
+    "--jobs", type=int,
+    help="Processes at once on the CPU, each on one thread: learn's out-of-fold fits and final fit, suggest's "
+         "fits, evaluate's splits [default: one per core where a fit runs on one thread anyway (small models "
+         "such as the starter bank's), else 1; 1 on a GPU]. Env: LAIONFILTER_JOBS.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
@@ -428,8 +428,9 @@ def inspect(profile_path, as_json, plot):
 @click.option("--out", type=click.Path(dir_okay=False), help="Write every number (per user, trial, K, method) as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Per-user results as a PNG.")
 @threads_option
+@jobs_option
 def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_from, seed, device, as_json, out, plot,
-             threads):
+             threads, jobs):
     """Evaluate personalisation on a table of user, image, score (the paper's protocol, section 4.4).
 
     \b
@@ -445,11 +446,12 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_fr
     base = LearnConfig(steps=steps, device=device)
     if selections:
         result = evaluate_selection(table, resolve_bank(bank_path), ks, trials, base, tuple(selections.split(",")),
-                                    seed=seed, device=device, threads=threads)
+                                    seed=seed, device=device, threads=threads, jobs=jobs)
     else:
         methods = tune_methods(base, tunes.split(",")) if tunes else default_methods(base)
         methods = with_steps_from(methods, base, _int_list(steps_from, "--steps-from"))
-        result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device, threads=threads)
+        result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device, threads=threads,
+                     jobs=jobs)
     if as_json:
         _echo_json(result)
     else:

@@ -22,7 +22,7 @@ import numpy as np
 from .bank import Bank
 from .errors import LaionfilterError
 from .calibrate import fit_calibration
-from .learn import Merger, fit_recipe, learning_threads, pair_agreement
+from .learn import Merger, fit_processes, fit_recipe, learning_threads, pair_agreement, run_jobs
 from .log import note, progress_bar
 from .metrics import ranks_anything, srocc
 from .model import eval_transform, pick_device
@@ -77,31 +77,31 @@ def default_name(cfg: LearnConfig) -> str:
 
 def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10, 100), trials: int = 10,
              methods: dict[str, LearnConfig | str] | None = None, seed: int = 0, device: str = "auto",
-             progress: bool = True, min_test: int = 10, threads: int | None = None) -> dict[str, Any]:
-    """Run the protocol; returns every number (per user, trial, K and method) plus the summary."""
+             progress: bool = True, min_test: int = 10, threads: int | None = None,
+             jobs: int | None = None) -> dict[str, Any]:
+    """Run the protocol; returns every number (per user, trial, K and method) plus the summary.
+    ``jobs`` splits run at once (default: see ``learn.fit_processes``); the numbers are the same."""
     dev = pick_device(device)
     with learning_threads(bank, threads):
         methods = methods or default_methods(LearnConfig(device=str(dev)))
         supports = read_ratings(table, eval_transform(bank.architecture)).supports
         merger = Merger(bank, dev)
-        runs: list[dict[str, Any]] = []
+        processes = fit_processes(merger, jobs)
         size = lambda sup: len(sup.scores) if sup.pairs is None else len(sup.pairs)  # noqa: E731 (images or pairs)
-        plan = lambda k, sup: sum(_steps(m, k, sup.pairs is None) for m in methods.values())  # noqa: E731 (one split)
-        total = sum(trials * plan(k, s) for s in supports for k in shots if size(s) - k >= min_test)
-        bar = progress_bar(total=total, desc="evaluate", unit="step", disable=not progress)
-        for u_index, sup in enumerate(supports):
+        splits = []
+        for u_index, sup in enumerate(progress_bar(supports, desc="task predictions", unit="user", leave=False,
+                                                   disable=not progress)):
             task_preds = merger.task_predictions(sup.pixels)  # [n, N], shared by every split and method
-            n_items = size(sup)
             what = "images" if sup.pairs is None else "pairs"
             for k in shots:
-                if n_items - k < min_test:
-                    note(f"user {sup.user!r}: {n_items} {what}, too few for {k} shots plus {min_test} test {what}; skipped")
+                if size(sup) - k < min_test:
+                    note(f"user {sup.user!r}: {size(sup)} {what}, too few for {k} shots plus {min_test} test {what}; skipped")
                     continue
-                for trial in range(trials):
-                    counted = bar.n
-                    runs += split_runs(merger, sup, u_index, k, trial, methods, seed, task_preds, bar.update)
-                    # A chosen step count can end a fit early, a split can be skipped: the bar moves by the plan.
-                    bar.update(max(0, plan(k, sup) - (bar.n - counted)))
+                planned = sum(_steps(m, k, sup.pairs is None) for m in methods.values())
+                splits += [planned_job(planned, split_runs, merger, sup, u_index, k, trial, methods, seed, task_preds)
+                           for trial in range(trials)]
+        bar = progress_bar(total=sum(j.planned for j in splits), desc="evaluate", unit="step", disable=not progress)
+        runs = [run for split in run_jobs(splits, processes, bar.update) for run in split]
         bar.close()
         if not runs:
             raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
@@ -160,6 +160,26 @@ def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, m
     return runs
 
 
+def planned_job(planned: int, run: Callable[..., list[dict[str, Any]]], *args) -> Callable[..., list[dict[str, Any]]]:
+    """``run(*args, on_step=...)`` as a ``learn.run_jobs`` job that moves a progress bar by ``planned``
+    in all: by each step ``run`` reports, then by what it did not take (a fit that stopped early, a
+    split skipped)."""
+    def job(on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+        done = 0
+
+        def step(k: int) -> None:
+            nonlocal done
+            done += k
+            if on_step:
+                on_step(k)
+        out = run(*args, on_step=step)
+        if on_step and planned > done:
+            on_step(planned - done)
+        return out
+    job.planned = planned
+    return job
+
+
 def _steps(method: LearnConfig | str, k: int, scored: bool) -> int:
     """What the progress bar counts for one method on one split of K: its learning steps, out-of-fold
     fits included (a baseline or a 0-step fit counts one)."""
@@ -183,13 +203,14 @@ def rating_errors(oof: np.ndarray, y_support: np.ndarray, pred_test: np.ndarray,
 
 def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,), trials: int = 3,
                        recipe: LearnConfig | None = None, selections: tuple[str, ...] = ("random", "active"),
-                       seed: int = 0, device: str = "auto", progress: bool = True, threads: int | None = None
-                       ) -> dict[str, Any]:
+                       seed: int = 0, device: str = "auto", progress: bool = True, threads: int | None = None,
+                       jobs: int | None = None) -> dict[str, Any]:
     """Which images to rate: per user and trial, the images are split once into a pool and a test half;
     each selection picks K from the pool (``random``; ``active``: ``suggest.select_active`` on the task
     models' predictions, seeing no score; ``active+fit``: half of K so, then the rest where fits of
     those first ratings disagree, ``suggest.fit_predictions``, as a user rating in two rounds would),
-    the same recipe is fitted on them, and SROCC is taken on the same test images."""
+    the same recipe is fitted on them, and SROCC is taken on the same test images. ``jobs``: as for
+    ``evaluate``."""
     dev = pick_device(device)
     recipe = recipe or LearnConfig(device=str(dev))
     unknown = set(selections) - set(SELECTIONS)
@@ -198,17 +219,18 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
     with learning_threads(bank, threads):
         supports = read_ratings(table, eval_transform(bank.architecture)).supports
         merger = Merger(bank, dev)
-        runs: list[dict[str, Any]] = []
-        bar = progress_bar(total=len(supports) * trials * len(shots) * len(selections), desc="evaluate selection",
-                           unit="fit", disable=not progress)
-        for u_index, sup in enumerate(supports):
+        processes = fit_processes(merger, jobs)
+        units = []
+        for u_index, sup in enumerate(progress_bar(supports, desc="task predictions", unit="user", leave=False,
+                                                   disable=not progress)):
             if sup.scores is None:
                 raise LaionfilterError(f"{table}: selection is evaluated on scored images, not pairs")
             task_preds = merger.task_predictions(sup.pixels)
-            for trial in range(trials):
-                for k in shots:
-                    runs += selection_runs(merger, sup, u_index, trial, k, selections, recipe, seed, task_preds)
-                    bar.update(len(selections))
+            units += [planned_job(len(selections), selection_runs, merger, sup, u_index, trial, k, selections, recipe,
+                                  seed, task_preds) for trial in range(trials) for k in shots]
+        bar = progress_bar(total=sum(j.planned for j in units), desc="evaluate selection", unit="fit",
+                           disable=not progress)
+        runs = [run for unit in run_jobs(units, processes, bar.update) for run in unit]
         bar.close()
     if not runs:
         raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
@@ -218,8 +240,10 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
 
 
 def selection_runs(merger: Merger, sup: Support, u_index: int, trial: int, k: int, selections: tuple[str, ...],
-                   recipe: LearnConfig, seed: int, task_preds: np.ndarray) -> list[dict[str, Any]]:
-    """One user, trial and K of ``evaluate_selection`` (seeded by those numbers alone, like ``split_runs``)."""
+                   recipe: LearnConfig, seed: int, task_preds: np.ndarray,
+                   on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+    """One user, trial and K of ``evaluate_selection`` (seeded by those numbers alone, like ``split_runs``);
+    ``on_step(1)`` after each selection's fit."""
     from .suggest import can_fit, fit_predictions, select_active
 
     rng = np.random.default_rng([seed, u_index, trial])
@@ -244,6 +268,8 @@ def selection_runs(merger: Merger, sup: Support, u_index: int, trial: int, k: in
         r = fit_recipe(merger, sup.pixels[picked], sup.scores[picked], cfg, task_preds=task_preds[:, picked])
         pred = merger.predict(r["alpha"], sup.pixels[test])
         runs.append({"user": sup.user, "shots": k, "trial": trial, "method": sel, "srocc": srocc(sup.scores[test], pred)})
+        if on_step:
+            on_step(1)
     return runs
 
 

@@ -24,6 +24,7 @@ import functools
 import itertools
 import math
 import multiprocessing as mp
+import os
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -298,9 +299,14 @@ def fold_plan(n_img: int, cfg: LearnConfig) -> list[tuple[np.ndarray, np.ndarray
 
 def fit_processes(merger: Merger, jobs: int | None = None) -> int:
     """How many fits to run at once, each in a forked process on one CPU thread: ``jobs`` if given,
-    else, when each fit runs on one thread already (small models, see ``learning_threads``), one per
-    core, which a fit would otherwise leave idle. 1 on a GPU, off Linux and inside a daemonic process
-    (a benchmark's worker), which may not start processes of its own."""
+    else ``LAIONFILTER_JOBS`` if set, else, when each fit runs on one thread already (small models, see
+    ``learning_threads``), one per core, which a fit would otherwise leave idle. 1 on a GPU, off Linux
+    and inside a daemonic process (a benchmark's worker), which may not start processes of its own."""
+    if jobs is None and os.environ.get("LAIONFILTER_JOBS"):
+        try:
+            jobs = int(os.environ["LAIONFILTER_JOBS"])
+        except ValueError:
+            raise LaionfilterError(f"LAIONFILTER_JOBS={os.environ['LAIONFILTER_JOBS']!r}: not a whole number") from None
     if jobs is not None and jobs < 1:
         raise LaionfilterError(f"--jobs must be ≥ 1, not {jobs}")
     if merger.device.type != "cpu" or sys.platform != "linux" or mp.current_process().daemon:
@@ -313,12 +319,12 @@ def fit_processes(merger: Merger, jobs: int | None = None) -> int:
     return jobs
 
 
-# The fits of one run_fits call and its step counter, set before the pool forks its workers, which
+# The jobs of one run_jobs call and its step counter, set before the pool forks its workers, which
 # inherit them: the merger's tensors are shared by the fork, never pickled.
-_FORKED: tuple[list[Callable[..., dict[str, Any]]], Any] | None = None
+_FORKED: tuple[list[Callable[..., Any]], Any] | None = None
 
 
-def _forked_fit(i: int) -> dict[str, Any]:
+def _forked_job(i: int) -> Any:
     jobs, counter = _FORKED
 
     def on_step(k: int) -> None:
@@ -327,11 +333,10 @@ def _forked_fit(i: int) -> dict[str, Any]:
     return jobs[i](on_step=on_step)
 
 
-def run_fits(jobs: list[Callable[..., dict[str, Any]]], processes: int = 1,
-             on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
-    """Each job (a ``fit`` waiting only for its ``on_step``) run, in this process or in up to
-    ``processes`` forked ones, with the same results either way (each fit is seeded, and runs on one
-    thread); ``on_step`` is told of every step, from whichever process made it."""
+def run_jobs(jobs: list[Callable[..., Any]], processes: int = 1, on_step: Callable[[int], Any] | None = None) -> list[Any]:
+    """Each job (a ``fit``, or one of ``evaluate``'s splits, waiting only for its ``on_step``) run, in
+    this process or in up to ``processes`` forked ones, with the same results either way (each fit is
+    seeded, and runs on one thread); ``on_step`` is told of every step, from whichever process made it."""
     processes = min(processes, len(jobs))
     if processes <= 1:
         return [job(on_step=on_step) for job in jobs]
@@ -346,7 +351,7 @@ def run_fits(jobs: list[Callable[..., dict[str, Any]]], processes: int = 1,
         # leaving the block terminates the workers: at once on an error or Ctrl-C, instead of letting
         # them go on to the fits still queued
         with ctx.Pool(processes) as pool:
-            fits, told, done = [pool.apply_async(_forked_fit, (i,)) for i in range(len(jobs))], 0, False
+            fits, told, done = [pool.apply_async(_forked_job, (i,)) for i in range(len(jobs))], 0, False
             while not done:
                 next(f for f in fits if not f.ready()).wait(0.25)
                 for f in fits:
@@ -367,11 +372,11 @@ def fold_fits(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: Lea
               mix_preds: np.ndarray | None = None, processes: int = 1) -> list[tuple[np.ndarray, dict[str, Any]]]:
     """The recipe ``cfg`` fitted once per fold (``fold_plan``) on the other folds, each with its start
     taken from the images it trains on: (held-out indices, the fit, with ``alpha_at`` at each of
-    ``steps``, default ``cfg.steps``), the fits run as ``run_fits`` runs them."""
+    ``steps``, default ``cfg.steps``), the fits run as ``run_jobs`` runs them."""
     steps = tuple(steps) if steps else (cfg.steps,)
     task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds)  # once for every fold
     plan = fold_plan(len(scores), cfg)
-    fits = run_fits([_fold_job(merger, pixels, scores, cfg, task_preds, mix_preds, train, steps) for train, _ in plan],
+    fits = run_jobs([_fold_job(merger, pixels, scores, cfg, task_preds, mix_preds, train, steps) for train, _ in plan],
                     processes, on_step)
     return [(held, r) for (_, held), r in zip(plan, fits)]
 
@@ -412,7 +417,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     ``oof_srocc`` per candidate, ``steps_chosen`` and ``folds`` (how many fits made them).
 
     ``processes`` > 1 runs the fold fits, and the final fit when it does not wait for their choice of
-    steps, side by side (``run_fits``): the same results, sooner."""
+    steps, side by side (``run_jobs``): the same results, sooner."""
     if pairs is not None or not cfg.uses_folds:
         return fit(merger, pixels, scores, cfg, progress=progress, task_preds=task_preds, desc=desc,
                    on_step=on_step, pairs=pairs, mix_preds=mix_preds)
@@ -428,7 +433,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     total = len(plan) * max(candidates) + (cfg.steps if together else 0)
     bar = progress_bar(total=total, desc=f"{desc}: {len(jobs)} fits" + (f", {min(processes, len(jobs))} at once" if processes > 1 else
                        " out of fold"), unit="step", disable=not progress or on_step is not None, leave=False)
-    fits = run_fits(jobs, processes, on_step or bar.update)
+    fits = run_jobs(jobs, processes, on_step or bar.update)
     bar.close()
     oof = oof_predictions(merger, pixels, list(zip([held for _, held in plan], fits)), candidates)
     cv = {s: srocc(scores, oof[s]) for s in candidates}

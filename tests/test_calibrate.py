@@ -128,9 +128,13 @@ def test_fits_run_side_by_side_give_the_same_result_as_one_after_another(support
     assert told[1] == told[2] == 3 * 4 + one["steps_chosen"]  # every fold's steps and the final fit's, reported
 
 
-def test_jobs_must_be_positive_and_run_on_one_thread_each(ratings_csv, small_bank, tmp_path):
+def test_jobs_must_be_positive_and_run_on_one_thread_each(ratings_csv, small_bank, tmp_path, monkeypatch):
     r = run("learn", ratings_csv, "--bank", small_bank.path, "--out", tmp_path / "p.profile", "--jobs", "0")
     assert r.exit_code != 0 and "--jobs must be ≥ 1, not 0" in r.output
+    monkeypatch.setenv("LAIONFILTER_JOBS", "two")
+    r = run("learn", ratings_csv, "--bank", small_bank.path, "--out", tmp_path / "p.profile")
+    assert r.exit_code != 0 and "LAIONFILTER_JOBS='two': not a whole number" in r.output
+    monkeypatch.setenv("LAIONFILTER_JOBS", "1")
     # a process forked after torch's threads ran would hang: refused, saying what to do instead
     r = run("learn", ratings_csv, "--bank", small_bank.path, "--out", tmp_path / "p.profile", "--jobs", "2",
             "--threads", "2")

@@ -14,7 +14,7 @@ from laionfilter.metrics import srocc
 def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
     methods = {k: v for k, v in default_methods(LearnConfig(steps=2, device="cpu")).items()
                if k in (ZERO_SHOT, BEST_SINGLE, "learned, adaptive init (the paper)")}
-    result = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False)
+    result = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False, jobs=1)
     runs = result["runs"]
     assert {r["user"] for r in runs} == {"ann", "bob"} and len(runs) == 2 * 2 * 3
     # Recompute the zero-shot ensemble and the best single task by hand on the documented split
@@ -39,8 +39,8 @@ def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in markdown_table(result).splitlines()[2:]}
     mean = next(x["mean"] for x in result["summary"] if x["method"] == ZERO_SHOT)
     assert rows[ZERO_SHOT].startswith(f"{mean:.3f} ± ")  # the table shows the summary's numbers
-    again = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False)
-    assert again["runs"] == runs  # seeded: same splits, same numbers
+    again = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False, jobs=2)
+    assert again["runs"] == runs  # seeded: same splits, same numbers, in the same order, two splits at a time
     # One split run alone, on a fresh merger, gives that split's runs of the whole evaluation: a
     # benchmark may farm splits out to processes (benchmarks/at_scale.py).
     alone = split_runs(Merger(small_bank, __import__("torch").device("cpu")), sups[1], 1, 5, 1, methods, 0,
@@ -111,3 +111,12 @@ def test_a_pairs_file_is_evaluated_over_pairs_with_agreement(ratings_csv, small_
     zero = next(x["srocc"] for x in r["runs"] if x["method"] == ZERO_SHOT)
     assert zero == pytest.approx(pair_agreement(sup.pairs[test], preds.mean(0)), abs=1e-9)
     assert {x["method"] for x in r["runs"]} == set(methods)
+
+
+def test_a_planned_job_moves_progress_by_its_plan_whatever_it_reports():
+    from laionfilter.evaluate import planned_job
+
+    told = []
+    job = planned_job(10, lambda name, on_step: on_step(3) or [name], "split")  # a fit that stopped early
+    assert job(on_step=told.append) == ["split"] and told == [3, 7]
+    assert job() == ["split"]  # and without a bar

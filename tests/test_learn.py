@@ -356,7 +356,7 @@ def test_a_fit_that_fails_in_its_process_stops_the_others_and_queues_nothing_mor
     import multiprocessing as mp
     import time
 
-    from laionfilter.learn import run_fits
+    from laionfilter.learn import run_jobs
 
     def fails(on_step):
         on_step(1)
@@ -373,7 +373,7 @@ def test_a_fit_that_fails_in_its_process_stops_the_others_and_queues_nothing_mor
     torch.set_num_threads(1)  # fits side by side run on one thread each
     try:
         with pytest.raises(LaionfilterError, match="fit 0 broke"):
-            run_fits([fails] + [slow(i) for i in range(1, 6)], processes=2)
+            run_jobs([fails] + [slow(i) for i in range(1, 6)], processes=2)
     finally:
         torch.set_num_threads(threads)
     assert mp.active_children() == []  # the processes are gone, not finishing the fits still queued

@@ -76,13 +76,13 @@ def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table
     monkeypatch.setattr(laionfilter.suggest, "fit_predictions", lambda *a: fitted.append(1) or real(*a))
     recipe = LearnConfig(steps=2, device="cpu")
     r = evaluate_selection(users_table, small_bank, shots=(8,), trials=1, recipe=recipe, selections=SELECTIONS,
-                           progress=False)
+                           progress=False, jobs=1)
     methods = {x["method"] for x in r["runs"]}
     assert methods == set(SELECTIONS) and len(r["runs"]) == 2 * 3  # 2 users × 3 selections
     assert len(fitted) == 2  # active+fit's second round, chosen by a fit of its first 4 ratings
     again = evaluate_selection(users_table, small_bank, shots=(8,), trials=1, recipe=recipe, selections=SELECTIONS,
-                               progress=False)
-    assert again["runs"] == r["runs"]  # seeded: the same pools, picks and test images
+                               progress=False, jobs=2)
+    assert again["runs"] == r["runs"]  # seeded: the same pools, picks and test images, two units at a time
     # One user and trial alone gives the same runs (benchmarks/at_scale.py farms them out).
     import torch
 
