@@ -342,26 +342,26 @@ def run_jobs(jobs: list[Callable[..., Any]], processes: int = 1, on_step: Callab
         return [job(on_step=on_step) for job in jobs]
     if torch.get_num_threads() != 1:
         # a process forked after torch's OpenMP threads ran hangs in its first parallel region
-        raise LaionfilterError(f"fits run side by side on one thread each; torch runs {torch.get_num_threads()} here")
+        raise LaionfilterError(f"jobs run side by side on one thread each; torch runs {torch.get_num_threads()} here")
     global _FORKED
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
     _FORKED = (jobs, counter)
     try:
         # leaving the block terminates the workers: at once on an error or Ctrl-C, instead of letting
-        # them go on to the fits still queued
+        # them go on to the jobs still queued
         with ctx.Pool(processes) as pool:
-            fits, told, done = [pool.apply_async(_forked_job, (i,)) for i in range(len(jobs))], 0, False
+            results, told, done = [pool.apply_async(_forked_job, (i,)) for i in range(len(jobs))], 0, False
             while not done:
-                next(f for f in fits if not f.ready()).wait(0.25)
-                for f in fits:
-                    if f.ready() and not f.successful():
-                        f.get()  # raises the fit's error now, not once the others are done
-                done = all(f.ready() for f in fits)
+                next(r for r in results if not r.ready()).wait(0.25)
+                for r in results:
+                    if r.ready() and not r.successful():
+                        r.get()  # raises the job's error now, not once the others are done
+                done = all(r.ready() for r in results)
                 if on_step and counter.value > told:
                     on_step(counter.value - told)
                     told = counter.value
-            return [f.get() for f in fits]
+            return [r.get() for r in results]
     finally:
         _FORKED = None
 
@@ -431,11 +431,12 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     if together:
         jobs.append(functools.partial(final, checkpoints=candidates))
     total = len(plan) * max(candidates) + (cfg.steps if together else 0)
-    bar = progress_bar(total=total, desc=f"{desc}: {len(jobs)} fits" + (f", {min(processes, len(jobs))} at once" if processes > 1 else
-                       " out of fold"), unit="step", disable=not progress or on_step is not None, leave=False)
+    how = f", {min(processes, len(jobs))} at once" if processes > 1 else " out of fold"
+    bar = progress_bar(total=total, desc=f"{desc}: {len(jobs)} fits{how}", unit="step",
+                       disable=not progress or on_step is not None, leave=False)
     fits = run_jobs(jobs, processes, on_step or bar.update)
     bar.close()
-    oof = oof_predictions(merger, pixels, list(zip([held for _, held in plan], fits)), candidates)
+    oof = oof_predictions(merger, pixels, [(held, r) for (_, held), r in zip(plan, fits[:len(plan)])], candidates)
     cv = {s: srocc(scores, oof[s]) for s in candidates}
     chosen = max(candidates, key=lambda s: (cv[s], -s))  # a tie goes to fewer steps
     r = fits[-1] if together else final(progress=progress, desc=desc, on_step=on_step, checkpoints=(chosen,))
