@@ -85,7 +85,7 @@ def split_picks(merger: Merger, pixels: torch.Tensor, y: np.ndarray, preds: np.n
     x = preds[:n, sup].T  # the task models' support predictions, [support, n]
     sd = x.std(axis=0) + 1e-9
     xs, ys = (x - x.mean(axis=0)) / sd, (y[sup] - y[sup].mean()) / (y[sup].std() + 1e-9)
-    default = 1.25 * softmax(zs[rows] / 0.1) @ coef[rows]
+    default = 1.25 * softmax(zs[rows] / 0.1) @ coef[rows]  # learn's start (init mixes, T = 0.1, ×1.25)
     for lam in ridge:
         w = np.linalg.solve(xs.T @ xs + lam * np.eye(n), xs.T @ ys) / sd  # per unit of each task's prediction
         a = 1.25 * w / np.abs(w).sum()
