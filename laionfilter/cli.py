@@ -54,8 +54,8 @@ threads_option = click.option(
 jobs_option = click.option(
     "--jobs", type=int,
     help="Processes at once on the CPU, each on one thread: learn's out-of-fold fits and final fit, suggest's "
-         "fits, evaluate's splits [default: one per core where a fit runs on one thread anyway (small models "
-         "such as the starter bank's), else 1; 1 on a GPU]. Env: LAIONFILTER_JOBS.")
+         "fits, evaluate's splits [default: one per core for small models such as the starter bank's, whose "
+         "fits run on one thread anyway; else 1, and 1 on a GPU]. Env: LAIONFILTER_JOBS.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 

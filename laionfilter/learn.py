@@ -299,9 +299,11 @@ def fold_plan(n_img: int, cfg: LearnConfig) -> list[tuple[np.ndarray, np.ndarray
 
 def fit_processes(merger: Merger, jobs: int | None = None) -> int:
     """How many fits to run at once, each in a forked process on one CPU thread: ``jobs`` if given,
-    else ``LAIONFILTER_JOBS`` if set, else, when each fit runs on one thread already (small models, see
-    ``learning_threads``), one per core, which a fit would otherwise leave idle. 1 on a GPU, off Linux
-    and inside a daemonic process (a benchmark's worker), which may not start processes of its own."""
+    else ``LAIONFILTER_JOBS`` if set, else, for a small model whose fits run on one thread (see
+    ``learning_threads``), one per core, which a fit would otherwise leave idle; else 1 (a larger
+    model's fits use the cores through torch's threads, and a fit per core would hold a merged model
+    and its activations per core). 1 on a GPU, off Linux and inside a daemonic process (a benchmark's
+    worker), which may not start processes of its own."""
     if jobs is None and os.environ.get("LAIONFILTER_JOBS"):
         try:
             jobs = int(os.environ["LAIONFILTER_JOBS"])
@@ -312,7 +314,8 @@ def fit_processes(merger: Merger, jobs: int | None = None) -> int:
     if merger.device.type != "cpu" or sys.platform != "linux" or mp.current_process().daemon:
         return 1
     if jobs is None:
-        return usable_cores() if torch.get_num_threads() == 1 else 1
+        small = merger.bank.parameters < SMALL_MODEL_PARAMETERS
+        return usable_cores() if small and torch.get_num_threads() == 1 else 1
     if jobs > 1 and torch.get_num_threads() != 1:
         raise LaionfilterError(f"--jobs {jobs} runs each fit in its own process on one thread; torch runs "
                                f"{torch.get_num_threads()} per fit here: add --threads 1, or use --jobs 1")

@@ -378,3 +378,22 @@ def test_a_fit_that_fails_in_its_process_stops_the_others_and_queues_nothing_mor
         torch.set_num_threads(threads)
     assert mp.active_children() == []  # the processes are gone, not finishing the fits still queued
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fits_go_side_by_side_by_default_only_for_small_models_on_one_thread(small_bank, monkeypatch):
+    import laionfilter.learn as learn_module
+    from laionfilter.learn import fit_processes
+    from laionfilter.model import usable_cores
+
+    monkeypatch.delenv("LAIONFILTER_JOBS", raising=False)
+    merger = Merger(small_bank, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert fit_processes(merger) == usable_cores()
+        assert fit_processes(merger, 3) == 3
+        monkeypatch.setattr(learn_module, "SMALL_MODEL_PARAMETERS", 0)  # the same bank, as if it were large
+        assert fit_processes(merger) == 1  # a merged model per core would not be asked for unbidden
+        assert fit_processes(merger, 2) == 2
+    finally:
+        torch.set_num_threads(threads)
