@@ -100,9 +100,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                 planned = sum(_steps(m, k, sup.pairs is None) for m in methods.values())
                 splits += [planned_job(planned, split_runs, merger, sup, u_index, k, trial, methods, seed, task_preds)
                            for trial in range(trials)]
-        bar = progress_bar(total=sum(j.planned for j in splits), desc="evaluate", unit="step", disable=not progress)
-        runs = [run for split in run_jobs(splits, processes, bar.update) for run in split]
-        bar.close()
+        runs = run_planned(splits, processes, progress, desc="evaluate", unit="step")
         if not runs:
             raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
         return {"table": str(table), "bank": {"path": str(bank.path), "fingerprint": bank.fingerprint},
@@ -180,6 +178,15 @@ def planned_job(planned: int, run: Callable[..., list[dict[str, Any]]], *args) -
     return job
 
 
+def run_planned(jobs: list[Callable[..., list[dict[str, Any]]]], processes: int, progress: bool, desc: str,
+                unit: str) -> list[dict[str, Any]]:
+    """``planned_job``s run by ``learn.run_jobs`` under one progress bar; their runs, in order."""
+    bar = progress_bar(total=sum(j.planned for j in jobs), desc=desc, unit=unit, disable=not progress)
+    runs = [run for done in run_jobs(jobs, processes, bar.update) for run in done]
+    bar.close()
+    return runs
+
+
 def _steps(method: LearnConfig | str, k: int, scored: bool) -> int:
     """What the progress bar counts for one method on one split of K: its learning steps, out-of-fold
     fits included (a baseline or a 0-step fit counts one)."""
@@ -228,10 +235,7 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
             task_preds = merger.task_predictions(sup.pixels)
             units += [planned_job(len(selections), selection_runs, merger, sup, u_index, trial, k, selections, recipe,
                                   seed, task_preds) for trial in range(trials) for k in shots]
-        bar = progress_bar(total=sum(j.planned for j in units), desc="evaluate selection", unit="fit",
-                           disable=not progress)
-        runs = [run for unit in run_jobs(units, processes, bar.update) for run in unit]
-        bar.close()
+        runs = run_planned(units, processes, progress, desc="evaluate selection", unit="fit")
     if not runs:
         raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")
     return {"table": str(table), "bank": {"path": str(bank.path), "fingerprint": bank.fingerprint},

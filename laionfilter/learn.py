@@ -316,10 +316,16 @@ def fit_processes(merger: Merger, jobs: int | None = None) -> int:
     if jobs is None:
         small = merger.bank.parameters < SMALL_MODEL_PARAMETERS
         return usable_cores() if small and torch.get_num_threads() == 1 else 1
-    if jobs > 1 and torch.get_num_threads() != 1:
-        raise LaionfilterError(f"--jobs {jobs} runs each fit in its own process on one thread; torch runs "
-                               f"{torch.get_num_threads()} per fit here: add --threads 1, or use --jobs 1")
+    if jobs > 1:
+        _check_one_thread(jobs)  # here, before any work, as well as where the processes start
     return jobs
+
+
+def _check_one_thread(processes: int) -> None:
+    # a process forked after torch's OpenMP threads ran hangs in its first parallel region
+    if torch.get_num_threads() != 1:
+        raise LaionfilterError(f"--jobs {processes} runs each fit in its own process on one thread; torch runs "
+                               f"{torch.get_num_threads()} per fit here: add --threads 1, or use --jobs 1")
 
 
 # The jobs of one run_jobs call and its step counter, set before the pool forks its workers, which
@@ -343,9 +349,7 @@ def run_jobs(jobs: list[Callable[..., Any]], processes: int = 1, on_step: Callab
     processes = min(processes, len(jobs))
     if processes <= 1:
         return [job(on_step=on_step) for job in jobs]
-    if torch.get_num_threads() != 1:
-        # a process forked after torch's OpenMP threads ran hangs in its first parallel region
-        raise LaionfilterError(f"jobs run side by side on one thread each; torch runs {torch.get_num_threads()} here")
+    _check_one_thread(processes)
     global _FORKED
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
@@ -379,15 +383,22 @@ def fold_fits(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: Lea
     steps = tuple(steps) if steps else (cfg.steps,)
     task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds)  # once for every fold
     plan = fold_plan(len(scores), cfg)
-    fits = run_jobs([_fold_job(merger, pixels, scores, cfg, task_preds, mix_preds, train, steps) for train, _ in plan],
-                    processes, on_step)
+    fits = run_jobs(_fold_jobs(merger, pixels, scores, cfg, task_preds, mix_preds, plan, steps), processes, on_step)
+    return _held_out(plan, fits)
+
+
+def _fold_jobs(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig, task_preds: np.ndarray,
+               mix_preds: np.ndarray | None, plan: list[tuple[np.ndarray, np.ndarray]],
+               steps: tuple[int, ...]) -> list[Callable[..., dict[str, Any]]]:
+    """One ``run_jobs`` job per fold of ``plan``: ``fit`` on its training images, with ``alpha_at`` at ``steps``."""
+    return [functools.partial(fit, merger, pixels[train], scores[train], cfg, task_preds=task_preds[:, train],
+                              checkpoints=steps, mix_preds=None if mix_preds is None else mix_preds[:, train])
+            for train, _ in plan]
+
+
+def _held_out(plan: list[tuple[np.ndarray, np.ndarray]], fits: list[dict[str, Any]]) -> list[tuple[np.ndarray, dict[str, Any]]]:
+    """(held-out indices, fit) per fold; fits beyond the plan's (a final fit run with them) are left out."""
     return [(held, r) for (_, held), r in zip(plan, fits)]
-
-
-def _fold_job(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig, task_preds: np.ndarray,
-              mix_preds: np.ndarray | None, train: np.ndarray, steps: tuple[int, ...]) -> Callable[..., dict[str, Any]]:
-    return functools.partial(fit, merger, pixels[train], scores[train], cfg, task_preds=task_preds[:, train],
-                             checkpoints=steps, mix_preds=None if mix_preds is None else mix_preds[:, train])
 
 
 def out_of_fold(merger: Merger, pixels: torch.Tensor, scores: np.ndarray, cfg: LearnConfig,
@@ -428,7 +439,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
     task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds, progress and on_step is None)
     candidates = cfg.steps_from or (cfg.steps,)
     plan = fold_plan(len(scores), cfg)
-    jobs = [_fold_job(merger, pixels, scores, cfg, task_preds, mix_preds, train, candidates) for train, _ in plan]
+    jobs = _fold_jobs(merger, pixels, scores, cfg, task_preds, mix_preds, plan, candidates)
     final = functools.partial(fit, merger, pixels, scores, cfg, task_preds=task_preds, mix_preds=mix_preds)
     together = processes > 1 and len(candidates) == 1  # the final fit's steps are known before the folds end
     if together:
@@ -439,7 +450,7 @@ def fit_recipe(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, 
                        disable=not progress or on_step is not None, leave=False)
     fits = run_jobs(jobs, processes, on_step or bar.update)
     bar.close()
-    oof = oof_predictions(merger, pixels, [(held, r) for (_, held), r in zip(plan, fits[:len(plan)])], candidates)
+    oof = oof_predictions(merger, pixels, _held_out(plan, fits), candidates)
     cv = {s: srocc(scores, oof[s]) for s in candidates}
     chosen = max(candidates, key=lambda s: (cv[s], -s))  # a tie goes to fewer steps
     r = fits[-1] if together else final(progress=progress, desc=desc, on_step=on_step, checkpoints=(chosen,))

@@ -30,7 +30,7 @@ from laionfilter.formats import PROFILE_FORMAT
 from laionfilter.profile import Profile
 from laionfilter.score import ScoreConfig, score_shards
 
-from .helpers import write_shard
+from .helpers import torch_threads, write_shard
 
 GOLDEN = Path(__file__).parent / "data" / "golden-scores.parquet"
 EXAMPLES = Path(__file__).parent.parent / "laionfilter" / "data" / "example" / "images"
@@ -71,12 +71,8 @@ def test_scores_of_a_fixed_input_are_unchanged(tmp_path):
     scores = [f.name for f in want.schema if pa.types.is_floating(f.type)]
     assert scores == ["even", "ramp"]
     # scored in the main process, and in a worker as the CPU path does; both on one thread, as a worker runs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         parts = [score_golden(tmp_path, workers) for workers in (0, 1)]
-    finally:
-        torch.set_num_threads(threads)
     assert parts[0].read_bytes() == parts[1].read_bytes()
     for workers, part in enumerate(parts):
         got = pq.read_table(part)

@@ -16,6 +16,8 @@ from laionfilter.recipe import LearnConfig
 from laionfilter.metrics import srocc
 from laionfilter.ratings import read_ratings
 
+from .helpers import torch_threads
+
 
 def test_merged_weights_are_eq2_exactly():
     pre = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([[0.5]])}
@@ -369,13 +371,8 @@ def test_a_fit_that_fails_in_its_process_stops_the_others_and_queues_nothing_mor
             return {}
         return job
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # fits side by side run on one thread each
-    try:
-        with pytest.raises(LaionfilterError, match="fit 0 broke"):
-            run_jobs([fails] + [slow(i) for i in range(1, 6)], processes=2)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), pytest.raises(LaionfilterError, match="fit 0 broke"):  # side by side, one thread each
+        run_jobs([fails] + [slow(i) for i in range(1, 6)], processes=2)
     assert mp.active_children() == []  # the processes are gone, not finishing the fits still queued
     assert list(tmp_path.iterdir()) == []
 
@@ -387,13 +384,9 @@ def test_fits_go_side_by_side_by_default_only_for_small_models_on_one_thread(sma
 
     monkeypatch.delenv("LAIONFILTER_JOBS", raising=False)
     merger = Merger(small_bank, torch.device("cpu"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         assert fit_processes(merger) == usable_cores()
         assert fit_processes(merger, 3) == 3
         monkeypatch.setattr(learn_module, "SMALL_MODEL_PARAMETERS", 0)  # the same bank, as if it were large
         assert fit_processes(merger) == 1  # a merged model per core would not be asked for unbidden
         assert fit_processes(merger, 2) == 2
-    finally:
-        torch.set_num_threads(threads)
