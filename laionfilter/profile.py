@@ -93,8 +93,11 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
         arch = bank.architecture
         table = read_ratings(ratings, eval_transform(arch), shards=shards, default_user=name or out.stem)
         multi = table.per_user
-        if multi:
-            out.mkdir(parents=True, exist_ok=True)
+        if multi and out.exists() and not out.is_dir():
+            raise LaionfilterError(f"{out}: the ratings have a user column, so --out is a folder for their "
+                                   f"profiles, and {out} is a file")
+        # the folder is made with the first profile written into it, so that an interrupted run
+        # leaves no empty one behind
         merger = Merger(bank, learn_device(cfg))
         processes = fit_processes(merger, jobs)
         written = []

@@ -390,3 +390,31 @@ def test_fits_go_side_by_side_by_default_only_for_small_models_on_one_thread(sma
         monkeypatch.setattr(learn_module, "SMALL_MODEL_PARAMETERS", 0)  # the same bank, as if it were large
         assert fit_processes(merger) == 1  # a merged model per core would not be asked for unbidden
         assert fit_processes(merger, 2) == 2
+
+
+def test_learn_into_a_folder_leaves_nothing_when_interrupted_and_refuses_a_file(tmp_path, small_bank, ratings_csv,
+                                                                                 monkeypatch):
+    import shutil
+
+    import laionfilter.profile as profile_mod
+
+    shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
+    rows = ratings_csv.read_text().splitlines()[1:]
+    ratings = _write(tmp_path, "user,image,score\n" + "\n".join(f"{'ab'[i % 2]},{r}" for i, r in enumerate(rows)) + "\n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profile_mod, "fit_recipe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        profile_mod.learn_profiles(ratings, small_bank, tmp_path / "profiles", progress=False)
+    assert not (tmp_path / "profiles").exists()  # no empty folder left behind
+
+    def never(*args, **kwargs):
+        raise AssertionError("a fit ran before --out was checked")
+
+    monkeypatch.setattr(profile_mod, "fit_recipe", never)
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(LaionfilterError, match="taken.*is a file"):
+        profile_mod.learn_profiles(ratings, small_bank, tmp_path / "taken", progress=False)
+    assert (tmp_path / "taken").read_text() == "mine"
