@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import LaionfilterError
+from .log import note
 from .names import check_name
 from .safefiles import atomic_write
 from .tables import read_table
@@ -188,7 +189,16 @@ def select(scores, profile: str, *, top: int | None = None, min_score: float | N
     if top is not None:
         sql += " LIMIT ?"
         params.append(int(top))
-    return run_sql(con, sql, params)
+    subset = run_sql(con, sql, params)
+    if subset.num_rows == 0 and (min_score is not None or min_rating is not None):
+        # An empty subset from a threshold is most often a threshold past what the scores reach (a
+        # rating of 8 from a user who rates 1–5): say how far they go.
+        best = [("score", profile)] + ([("rating", rating_column(profile))] if rated else [])
+        ok = "" if all_statuses else " WHERE status = 'ok'"
+        highest = run_sql(con, f"SELECT {', '.join(f'max({quote(c)})' for _, c in best)} FROM scores{ok}").to_pylist()[0]
+        note(f"{scores}: no image of {profile!r} passes the thresholds; "
+             + ", ".join(f"the highest {what} is {v:.4g}" for (what, _), v in zip(best, highest.values()) if v is not None))
+    return subset
 
 
 def write_table(table: pa.Table, out: str | os.PathLike) -> Path:

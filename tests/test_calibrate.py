@@ -196,6 +196,11 @@ def test_score_writes_the_rating_beside_the_score_and_select_keeps_min_rating(pr
     got = pq.read_table(tmp_path / "s.parquet").to_pylist()
     keep = sorted(k for k, v in zip(t["key"].to_pylist(), rating) if np.float32(v) >= np.float32(cut))
     assert sorted(g["key"] for g in got) == keep and all(g["rating"] >= cut for g in got)
+    # a threshold past every rating selects nothing, and says how high the ratings go
+    ok = np.array(t["status"].to_pylist()) == "ok"
+    r = run("select", out, "--profile", "alice", "--min-rating", alice.calibration.high + 1, "--out", tmp_path / "none.csv")
+    assert r.exit_code == 0 and "0 images selected" in r.output, r.output
+    assert f"the highest score is {score[ok].max():.4g}, the highest rating is {rating[ok].max():.4g}" in r.output
 
 
 def test_min_rating_without_a_calibrated_profile_and_rating_column_collisions(profiles, ratings_csv, small_bank,
