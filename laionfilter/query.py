@@ -164,10 +164,8 @@ def select(scores, profile: str, *, top: int | None = None, min_score: float | N
             name = f"meta_{c}" if c.lower() in keep else c
             inner_cols.append(f"m.{quote(c)} AS {quote(name)}")
             out_cols.append(name)
-    conds, params = [], []
-    if not all_statuses:
-        conds.append("status = 'ok'")
-    conds.append("score IS NOT NULL")
+    ok_rows = "TRUE" if all_statuses else "status = 'ok'"  # the rows that count, here and for the thresholds
+    conds, params = [ok_rows, "score IS NOT NULL"], []
     if min_score is not None:
         conds.append("score >= ?")
         params.append(min_score)
@@ -177,8 +175,8 @@ def select(scores, profile: str, *, top: int | None = None, min_score: float | N
     if percentile is not None:
         if not 0 <= percentile <= 100:
             raise LaionfilterError(f"--percentile {percentile}: must be between 0 and 100")
-        ok = "status = 'ok' AND " if not all_statuses else ""
-        conds.append(f"score >= (SELECT quantile_cont({quote(profile)}, ?) FROM scores WHERE {ok}{quote(profile)} IS NOT NULL)")
+        conds.append(f"score >= (SELECT quantile_cont({quote(profile)}, ?) FROM scores "
+                     f"WHERE {ok_rows} AND {quote(profile)} IS NOT NULL)")
         params.append(percentile / 100)
     if where:
         conds.append(f"({where_expression(where)})")
@@ -194,8 +192,8 @@ def select(scores, profile: str, *, top: int | None = None, min_score: float | N
         # An empty subset from a threshold is most often a threshold past what the scores reach (a
         # rating of 8 from a user who rates 1–5): say how far they go.
         best = [("score", profile)] + ([("rating", rating_column(profile))] if rated else [])
-        ok = "" if all_statuses else " WHERE status = 'ok'"
-        highest = run_sql(con, f"SELECT {', '.join(f'max({quote(c)})' for _, c in best)} FROM scores{ok}").to_pylist()[0]
+        maxima = ", ".join(f"max({quote(c)})" for _, c in best)
+        highest = run_sql(con, f"SELECT {maxima} FROM scores WHERE {ok_rows}").to_pylist()[0]
         note(f"{scores}: no image of {profile!r} passes the thresholds; "
              + ", ".join(f"the highest {what} is {v:.4g}" for (what, _), v in zip(best, highest.values()) if v is not None))
     return subset
