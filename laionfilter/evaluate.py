@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
                     note(f"user {sup.user!r}: {size(sup)} {what}, too few for {k} shots plus {min_test} test {what}; skipped")
                     continue
                 planned = sum(_steps(m, k, sup.pairs is None) for m in methods.values())
-                splits += [planned_job(planned, split_runs, merger, sup, u_index, k, trial, methods, seed, task_preds)
+                splits += [PlannedJob(planned, split_runs, (merger, sup, u_index, k, trial, methods, seed, task_preds))
                            for trial in range(trials)]
         runs = run_planned(splits, processes, progress, desc="evaluate", unit="step")
         if not runs:
@@ -158,11 +158,16 @@ def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, m
     return runs
 
 
-def planned_job(planned: int, run: Callable[..., list[dict[str, Any]]], *args) -> Callable[..., list[dict[str, Any]]]:
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
+class PlannedJob:
     """``run(*args, on_step=...)`` as a ``learn.run_jobs`` job that moves a progress bar by ``planned``
     in all: by each step ``run`` reports, then by what it did not take (a fit that stopped early, a
     split skipped)."""
-    def job(on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+    planned: int
+    run: Callable[..., list[dict[str, Any]]]
+    args: tuple[Any, ...]
+
+    def __call__(self, on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
         done = 0
 
         def step(k: int) -> None:
@@ -170,17 +175,15 @@ def planned_job(planned: int, run: Callable[..., list[dict[str, Any]]], *args) -
             done += k
             if on_step:
                 on_step(k)
-        out = run(*args, on_step=step)
-        if on_step and planned > done:
-            on_step(planned - done)
+        out = self.run(*self.args, on_step=step)
+        if on_step and self.planned > done:
+            on_step(self.planned - done)
         return out
-    job.planned = planned
-    return job
 
 
-def run_planned(jobs: list[Callable[..., list[dict[str, Any]]]], processes: int, progress: bool, desc: str,
+def run_planned(jobs: list[PlannedJob], processes: int, progress: bool, desc: str,
                 unit: str) -> list[dict[str, Any]]:
-    """``planned_job``s run by ``learn.run_jobs`` under one progress bar; their runs, in order."""
+    """``PlannedJob``s run by ``learn.run_jobs`` under one progress bar; their runs, in order."""
     bar = progress_bar(total=sum(j.planned for j in jobs), desc=desc, unit=unit, disable=not progress)
     runs = [run for done in run_jobs(jobs, processes, bar.update) for run in done]
     bar.close()
@@ -233,8 +236,8 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
             if sup.scores is None:
                 raise LaionfilterError(f"{table}: selection is evaluated on scored images, not pairs")
             task_preds = merger.task_predictions(sup.pixels)
-            units += [planned_job(len(selections), selection_runs, merger, sup, u_index, trial, k, selections, recipe,
-                                  seed, task_preds) for trial in range(trials) for k in shots]
+            units += [PlannedJob(len(selections), selection_runs, (merger, sup, u_index, trial, k, selections, recipe,
+                                                                  seed, task_preds)) for trial in range(trials) for k in shots]
         runs = run_planned(units, processes, progress, desc="evaluate selection", unit="fit")
     if not runs:
         raise LaionfilterError(f"{table}: no user has enough images for shots {shots}")

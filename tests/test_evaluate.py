@@ -114,9 +114,9 @@ def test_a_pairs_file_is_evaluated_over_pairs_with_agreement(ratings_csv, small_
 
 
 def test_a_planned_job_moves_progress_by_its_plan_whatever_it_reports():
-    from laionfilter.evaluate import planned_job
+    from laionfilter.evaluate import PlannedJob
 
     told = []
-    job = planned_job(10, lambda name, on_step: on_step(3) or [name], "split")  # a fit that stopped early
+    job = PlannedJob(10, lambda name, on_step: on_step(3) or [name], ("split",))  # a fit that stopped early
     assert job(on_step=told.append) == ["split"] and told == [3, 7]
     assert job() == ["split"]  # and without a bar
