@@ -60,6 +60,25 @@ def test_select_options_equal_hand_written_duckdb(scored, tmp_path, options, whe
     assert len(got) > 0 and set(got[0]) == {"url", "caption", "key", "shard", "score", "rating"}
 
 
+def test_all_statuses_keeps_scored_rows_of_any_status_for_the_filter_and_the_percentile(tmp_path):
+    from laionfilter.writer import schema
+
+    # A scores file from elsewhere may hold scored rows whose status is not 'ok' (here 'flagged').
+    folder = tmp_path / "scores.parquet"
+    folder.mkdir()
+    rows = [{"key": f"{i:03d}", "shard": "s", "url": f"u{i}", "caption": "", "width": 1, "height": 1,
+             "status": "ok" if i < 5 else "flagged", "error": None, "alice": float(i if i < 5 else i + 5)}
+            for i in range(10)]  # ok rows score 0-4, flagged ones 10-14
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema(["alice"])), folder / "part.parquet")
+    keys = {}
+    for extra in ([], ["--all-statuses"]):
+        r = run("select", folder, "--profile", "alice", "--percentile", "50", *extra, "--out", tmp_path / "s.parquet")
+        assert r.exit_code == 0, r.output
+        keys[bool(extra)] = [x["key"] for x in pq.read_table(tmp_path / "s.parquet").to_pylist()]
+    assert keys[False] == ["004", "003", "002"]  # the median of the ok rows' scores is 2 (of all ten's, 7)
+    assert keys[True] == ["009", "008", "007", "006", "005"]  # the median of all ten is 7
+
+
 def test_select_joins_laion_metadata(scored, tmp_path):
     scores, _ = scored
     keys = [k for (k,) in duck(scores, "SELECT key FROM scores ORDER BY key")]
