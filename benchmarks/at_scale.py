@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=12)
     ap.add_argument("--images", type=int, default=160)
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--only-trials", default="", help="run only these of the trials, e.g. '1,2' where trial 0 "
+                    "was run before (each trial's splits are its own, whichever others run)")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0, help="the split seed (the user sets have their own)")
     ap.add_argument("--bank", default="starter")
@@ -208,7 +210,8 @@ def main() -> None:
     done = {(u["kind"], u["set"], u["shots"], u["trial"], u["user_index"])
             for f in (args.out / "parts").glob("w*.jsonl") for u in map(json.loads, f.read_text().splitlines())}
     units = ctx.Queue()
-    todo = [(kind, name, k, trial, u) for kind, k, sets in phases for trial in range(args.trials)
+    trials = [int(t) for t in args.only_trials.split(",")] if args.only_trials else range(args.trials)
+    todo = [(kind, name, k, trial, u) for kind, k, sets in phases for trial in trials
             for name in sets for u in range(args.users)]
     todo = [t for t in todo if t not in done]  # a rerun into the same --out goes on where the last stopped
     for t in todo:
