@@ -39,7 +39,7 @@ from .errors import LaionfilterError
 from .log import progress_bar
 from .merge import merge_weights
 from .metrics import srocc
-from .model import count_blocks, layer_stage, pick_device, usable_cores
+from .model import count_blocks, layer_stage, pick_device, torch_threads, usable_cores
 from .recipe import LearnConfig, anchor_weight
 
 
@@ -480,17 +480,12 @@ SMALL_MODEL_PARAMETERS = 10_000_000
 def learning_threads(bank: Bank, threads: int | None = None) -> Iterator[int]:
     """Within the block, torch uses ``threads`` CPU threads if given, else 1 for small models and its
     default (every core) for larger ones; the previous count is restored after."""
-    before = torch.get_num_threads()
     if threads is None:
-        params = bank.parameters
-        threads = 1 if params < SMALL_MODEL_PARAMETERS else before
+        threads = 1 if bank.parameters < SMALL_MODEL_PARAMETERS else torch.get_num_threads()
     if threads < 1:
         raise LaionfilterError(f"--threads must be ≥ 1, not {threads}")
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         yield threads
-    finally:
-        torch.set_num_threads(before)
 
 
 def learn_device(cfg: LearnConfig) -> torch.device:

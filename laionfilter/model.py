@@ -375,6 +375,17 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch on ``n`` CPU threads within the block; the count before is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
 def autocast(device: torch.device):
     """bf16 autocast on GPU; full precision on the CPU."""
     if device.type == "cuda":

@@ -1,27 +1,14 @@
 """Plain helpers the tests share: real photos, JPEG bytes, WebDataset shards written by webdataset."""
 
-import contextlib
 import io
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import webdataset as wds
 from PIL import Image
 
 from laionfilter.train.starter import load_photo, random_crop
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch on ``n`` CPU threads within the block; its count before is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def jpeg(img: Image.Image, quality=90) -> bytes:

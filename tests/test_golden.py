@@ -30,7 +30,9 @@ from laionfilter.formats import PROFILE_FORMAT
 from laionfilter.profile import Profile
 from laionfilter.score import ScoreConfig, score_shards
 
-from .helpers import torch_threads, write_shard
+from laionfilter.model import torch_threads
+
+from .helpers import write_shard
 
 GOLDEN = Path(__file__).parent / "data" / "golden-scores.parquet"
 EXAMPLES = Path(__file__).parent.parent / "laionfilter" / "data" / "example" / "images"

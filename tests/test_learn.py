@@ -16,7 +16,7 @@ from laionfilter.recipe import LearnConfig
 from laionfilter.metrics import srocc
 from laionfilter.ratings import read_ratings
 
-from .helpers import torch_threads
+from laionfilter.model import torch_threads
 
 
 def test_merged_weights_are_eq2_exactly():
