@@ -281,7 +281,8 @@ def selection_runs(merger: Merger, sup: Support, u_index: int, trial: int, k: in
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method and K: mean over users per trial, then mean and std of that over trials."""
+    """Per method and K: mean over users per trial, then mean and std of that over trials (of the test
+    SROCC, and of each rating error where the runs have them)."""
     out = []
     methods = list(dict.fromkeys(r["method"] for r in runs))
     for name in methods:
@@ -289,13 +290,17 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rows = [r for r in runs if r["method"] == name and r["shots"] == k]
             if not rows:
                 continue
-            per_trial = [np.mean([r["srocc"] for r in rows if r["trial"] == t]) for t in sorted({r["trial"] for r in rows})]
+            trials = sorted({r["trial"] for r in rows})
+            per_trial = [np.mean([r["srocc"] for r in rows if r["trial"] == t]) for t in trials]
             users = sorted({r["user"] for r in rows})
             entry = {"method": name, "shots": k, "mean": float(np.mean(per_trial)),
                      "std_over_trials": float(np.std(per_trial)), "users": len(users), "trials": len(per_trial),
                      "per_user": {u: float(np.mean([r["srocc"] for r in rows if r["user"] == u])) for u in users}}
             if all("mae" in r for r in rows):
-                entry["mae"] = {kind: float(np.mean([r["mae"][kind] for r in rows])) for kind in rows[0]["mae"]}
+                kinds = list(rows[0]["mae"])
+                mae_per_trial = {c: [np.mean([r["mae"][c] for r in rows if r["trial"] == t]) for t in trials] for c in kinds}
+                entry["mae"] = {c: float(np.mean(v)) for c, v in mae_per_trial.items()}
+                entry["mae_std_over_trials"] = {c: float(np.std(v)) for c, v in mae_per_trial.items()}
             if all("steps_chosen" in r for r in rows):
                 entry["steps_chosen"] = {str(s): sum(r["steps_chosen"] == s for r in rows)
                                          for s in sorted({r["steps_chosen"] for r in rows})}
@@ -318,7 +323,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         kinds = list(rated[0]["mae"])
         lines += ["", "Rating MAE on the test images (calibrations fitted on out-of-fold scores; baselines):", "",
                   "| method | K | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
-        lines += [f"| {x['method']} | {x['shots']} | " + " | ".join(f"{x['mae'][c]:.3f}" for c in kinds) + " |" for x in rated]
+        lines += [f"| {x['method']} | {x['shots']} | " + " | ".join(f"{x['mae'][c]:.3f} ± {x['mae_std_over_trials'][c]:.3f}"
+                                                                 for c in kinds) + " |" for x in rated]
     return "\n".join(lines)
 
 

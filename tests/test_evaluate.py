@@ -49,11 +49,12 @@ def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
 
 
 def test_summary_is_mean_over_users_and_std_over_trials():
-    runs = [{"user": u, "shots": 10, "trial": t, "method": "m", "srocc": s}
-            for u, t, s in [("a", 0, 0.2), ("b", 0, 0.4), ("a", 1, 0.6), ("b", 1, 0.8)]]
+    runs = [{"user": u, "shots": 10, "trial": t, "method": "m", "srocc": s, "mae": {"linear": e}}
+            for u, t, s, e in [("a", 0, 0.2, 1.0), ("b", 0, 0.4, 2.0), ("a", 1, 0.6, 2.0), ("b", 1, 0.8, 3.0)]]
     [s] = summarise(runs)
     assert s["mean"] == pytest.approx(0.5) and s["std_over_trials"] == pytest.approx(0.2)
     assert s["per_user"] == {"a": pytest.approx(0.4), "b": pytest.approx(0.6)}
+    assert s["mae"] == {"linear": pytest.approx(2.0)} and s["mae_std_over_trials"] == {"linear": pytest.approx(0.5)}
 
 
 def test_too_few_images_for_the_shots_are_skipped_with_a_note(users_table, small_bank, capsys):
