@@ -10,13 +10,11 @@ from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
 from laionfilter.learn import Merger, anchor_penalty, bradley_terry_loss, fit, fold_fits, init_coefficients, mixes
 from laionfilter.merge import merge_weights
-from laionfilter.model import eval_transform
+from laionfilter.model import eval_transform, torch_threads
 from laionfilter.profile import learn_profiles, load_profile
 from laionfilter.recipe import LearnConfig
 from laionfilter.metrics import srocc
 from laionfilter.ratings import read_ratings
-
-from laionfilter.model import torch_threads
 
 
 def test_merged_weights_are_eq2_exactly():
