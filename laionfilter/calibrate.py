@@ -34,6 +34,12 @@ class Calibration:
     x: tuple[float, ...] = ()
     y: tuple[float, ...] = ()
 
+    def __post_init__(self):
+        numbers = (self.low, self.high, self.slope, self.intercept, *self.x, *self.y)
+        if not all(np.isfinite(numbers)):
+            raise ValueError(f"not finite (low {self.low}, high {self.high}, slope {self.slope}, "
+                             f"intercept {self.intercept}{', knots' if self.x else ''})")
+
     def __call__(self, score: np.ndarray) -> np.ndarray:
         s = np.asarray(score, dtype=np.float64)
         rating = self.intercept + self.slope * s if self.kind == "linear" else np.interp(s, self.x, self.y)
@@ -68,6 +74,14 @@ def fit_calibration(pred: np.ndarray, ratings: np.ndarray, kind: str = LearnConf
     """The monotone map from ``pred`` (out-of-fold model scores) to ``ratings``."""
     check_choice("calibration", kind, CALIBRATIONS)
     x, y = np.asarray(pred, dtype=np.float64), np.asarray(ratings, dtype=np.float64)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, as one error, not numpy warnings
+            return _fit(x, y, kind)
+    except ValueError as e:  # a calibration that is not finite would rate every image NaN at score time
+        raise LaionfilterError(f"the {kind} calibration cannot be fitted: {e}") from None
+
+
+def _fit(x: np.ndarray, y: np.ndarray, kind: str) -> Calibration:
     low, high = float(y.min()), float(y.max())
     if kind == "linear":
         vx = float(np.var(x))

@@ -57,6 +57,10 @@ jobs_option = click.option(
          "fits, evaluate's splits [default: one per core for small models such as the starter bank's, whose "
          "fits run on one thread anyway; else 1, and 1 on a GPU]. Env: LAIONFILTER_JOBS.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+allow_pipe_option = click.option(
+    "--allow-pipe", is_flag=True,
+    help="Let pipe: shard URLs run their shell commands (typed, in a list file or from a brace pattern); "
+         "refused without it.")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -79,7 +83,9 @@ def cli() -> None:
 @click.option("--workers", type=int, help="DataLoader worker processes.")
 @seed_option(None)
 @click.option("--no-resume", is_flag=True, help="Ignore an existing OUT.ckpt/ checkpoint.")
-def finetune(database, base, out, job, name, scale, score_range, head_steps, backbone_steps, device, workers, seed, no_resume):
+@allow_pipe_option
+def finetune(database, base, out, job, name, scale, score_range, head_steps, backbone_steps, device, workers, seed,
+             no_resume, allow_pipe):
     """Phase 1: fine-tune a score model on DATABASE (a table or WebDataset shards), once per database.
 
     \b
@@ -92,7 +98,7 @@ def finetune(database, base, out, job, name, scale, score_range, head_steps, bac
                 device=device, workers=workers, seed=seed)
     cfg = load_job(job, **opts) if job else config_from_dict({k: v for k, v in opts.items() if v is not None})
     cfg = with_stage_steps(cfg, head_steps, backbone_steps)
-    meta = run(cfg, out, resume=not no_resume)
+    meta = run(cfg, out, resume=not no_resume, allow_pipe=allow_pipe)
     m = meta["metrics"]
     click.echo(f"{out}: task {meta['name']!r} validation SROCC {m['val_srocc']:.3f} PLCC {m['val_plcc']:.3f} "
                f"(loss {m['val_loss_before']:.4f} → {m['val_loss']:.4f}, {m['n_val']} images)")
@@ -226,7 +232,8 @@ def bank_info_cmd(bank_path, as_json, plot):
 @click.option("--steps", type=int, default=RECIPE.steps, show_default=True, help="--by fit: learning steps of each fit.")
 @device_option()
 @jobs_option
-def suggest(source, bank_path, ratings, by, count, out, steps, device, jobs):
+@allow_pipe_option
+def suggest(source, bank_path, ratings, by, count, out, steps, device, jobs, allow_pipe):
     """Suggest the images of SOURCE whose ratings would tell the most (where the task models, or with
     --by fit the fits of the ratings so far, disagree).
 
@@ -241,7 +248,7 @@ def suggest(source, bank_path, ratings, by, count, out, steps, device, jobs):
     from .suggest import suggest as run
 
     # Images are named relative to the file they go to, as rate names them: --out, else --ratings.
-    items = collect_images(source, out=Path(out) if out else Path(ratings) if ratings else None)
+    items = collect_images(source, out=Path(out) if out else Path(ratings) if ratings else None, allow_pipe=allow_pipe)
     recipe = LearnConfig(steps=steps, device=device)
     for label in run(items, resolve_bank(bank_path), count, ratings=ratings, out=out, recipe=recipe, by=by,
                      jobs=jobs):
@@ -266,7 +273,8 @@ def suggest(source, bank_path, ratings, by, count, out, steps, device, jobs):
 @click.option("--order", type=click.Choice(["random", "active"]), default="random",
               help="active: first the images whose ratings tell the most about the coefficients (see suggest).")
 @bank_option()
-def rate(source, out, mode, scale, target, user, from_scores, host, port, open_browser, order, bank_path):
+@allow_pipe_option
+def rate(source, out, mode, scale, target, user, from_scores, host, port, open_browser, order, bank_path, allow_pipe):
     """Rate images in the browser (stars or pairs) into a ratings file that learn reads.
 
     SOURCE is a folder of images, a glob, or WebDataset shards (sample keys become the image ids, for
@@ -285,7 +293,8 @@ def rate(source, out, mode, scale, target, user, from_scores, host, port, open_b
 
         bank = resolve_bank(bank_path)
     run(source, out, mode=mode, scale=int(scale.split("-")[1]), target=target, user=user, host=host, port=port,
-        open_browser=open_browser, from_scores=from_scores, echo=click.echo, order=order, bank=bank)
+        open_browser=open_browser, from_scores=from_scores, echo=click.echo, order=order, bank=bank,
+        allow_pipe=allow_pipe)
 
 
 def _int_list(text: str | None, option: str) -> tuple[int, ...]:
@@ -340,8 +349,9 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @device_option()
 @threads_option
 @jobs_option
+@allow_pipe_option
 def learn(ratings, bank_path, out, shards, init, temperature, mix_scale, loss, layer_agnostic, tune, steps, lr, batch_size,
-          anchor, calibration, folds, steps_from, tol, seed, device, threads, jobs):
+          anchor, calibration, folds, steps_from, tol, seed, device, threads, jobs, allow_pipe):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -357,7 +367,7 @@ def learn(ratings, bank_path, out, shards, init, temperature, mix_scale, loss, l
                       steps_from=_int_list(steps_from, "--steps-from"), tol=tol,
                       anchor=anchor, mix_scale=mix_scale, **kw)
     for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads,
-                                  jobs=jobs):
+                                  jobs=jobs, allow_pipe=allow_pipe):
         m = profile.meta
         oof = m.get("out_of_fold")
         click.echo(f"{profile.path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "
@@ -484,7 +494,7 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_fr
 @click.option("--ray-address", help="Ray cluster to join (e.g. auto); default: a local Ray instance.")
 @click.option("--max-pixels", type=int,
               help="Larger images get status 'bomb' and no score [default: 256000000, or $LAIONFILTER_MAX_PIXELS].")
-@click.option("--allow-pipe", is_flag=True, help="Run pipe: lines of a SHARDS list file (shell commands).")
+@allow_pipe_option
 @click.option("--strict", is_flag=True, help="Exit 1 when any image could not be scored (default: only when a shard failed).")
 @json_option
 def score(shards, profiles, bank_path, out, batch_size, workers, device, compile_, overwrite, rank, world_size,
@@ -613,7 +623,7 @@ def query(scores, sql, join, out, unsafe):
 @click.option("--shards", required=True, help="The shards the subset was scored from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the new shards.")
 @click.option("--maxcount", type=int, default=10000, help="Samples per output shard.")
-@click.option("--allow-pipe", is_flag=True, help="Run pipe: lines of a --shards list file (shell commands).")
+@allow_pipe_option
 def reshard(subset, shards, out, maxcount, allow_pipe):
     """Copy a subset's samples (image, json, txt: bytes untouched) from local shards into new shards.
 

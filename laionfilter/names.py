@@ -2,7 +2,9 @@
 
 A name becomes a file name (``<user>.profile``, ``guidance/<profile>/``) and a DuckDB column, so it must
 be a plain name: letters (any script), digits, ``_``, ``-`` and ``.``, starting with a letter or digit
-and not ending with ``.``, at most 128 characters. Anything else is refused rather than cleaned up, because a cleaned name can
+and not ending with ``.``, at most 128 bytes in the file system's encoding (file systems count bytes, at
+most 255, and a name gains suffixes and temporary prefixes; ``é`` is two bytes in UTF-8, ``花`` three).
+Anything else is refused rather than cleaned up, because a cleaned name can
 collide with another (``x/y`` and ``x_y``) or lose letters (``zoë``). Names are compared after Unicode
 NFC normalisation and case folding, since DuckDB columns and many file systems ignore case.
 """
@@ -11,18 +13,23 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import unicodedata
 from pathlib import Path
 from typing import Iterable
 
 from .errors import LaionfilterError
 
-MAX_LENGTH = 128
+MAX_BYTES = 128
 _PLAIN = re.compile(r"[^\W_](?:[\w.\-]*[\w\-])?")  # \w is Unicode-aware: zoë and 花子 are plain names
 
 
+def _fs_bytes(name: str) -> int:
+    return len(unicodedata.normalize("NFC", name).encode(sys.getfilesystemencoding(), "replace"))
+
+
 def is_plain_name(name: object) -> bool:
-    return isinstance(name, str) and len(name) <= MAX_LENGTH and _PLAIN.fullmatch(name) is not None
+    return isinstance(name, str) and _PLAIN.fullmatch(name) is not None and _fs_bytes(name) <= MAX_BYTES
 
 
 def check_name(name: object, what: str = "name", where: str | os.PathLike | None = None) -> str:
@@ -30,9 +37,11 @@ def check_name(name: object, what: str = "name", where: str | os.PathLike | None
     text = unicodedata.normalize("NFC", str(name)) if isinstance(name, str) else name
     if not isinstance(text, str) or not is_plain_name(text):
         prefix = f"{where}: " if where else ""
+        size = _fs_bytes(text) if isinstance(text, str) else 0
         raise LaionfilterError(
             f"{prefix}{what} {name!r} is not a plain name: use letters, digits, '_', '-' and '.' "
-            f"(not first or last), at most {MAX_LENGTH} characters")
+            f"(not first or last), at most {MAX_BYTES} bytes in the file system's encoding"
+            + (f" ({size} here)" if size > MAX_BYTES else ""))
     return text
 
 

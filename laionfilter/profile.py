@@ -83,15 +83,16 @@ def load_profile(path: str | os.PathLike) -> Profile:
 
 def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLike, cfg: LearnConfig = LearnConfig(),
                    shards: str | None = None, progress: bool = True, name: str | None = None,
-                   threads: int | None = None, jobs: int | None = None) -> list[Profile]:
+                   threads: int | None = None, jobs: int | None = None, allow_pipe: bool = False) -> list[Profile]:
     """Learn one profile per user in the ratings file; ``out`` is a file, or a folder for several users.
 
     ``threads``: CPU threads per fit (default: see ``learning_threads``); ``jobs``: fits at once
-    (default: see ``fit_processes``)."""
+    (default: see ``fit_processes``); ``allow_pipe``: let ``pipe:`` shard URLs run their commands."""
     out = Path(out)
     with learning_threads(bank, threads):
         arch = bank.architecture
-        table = read_ratings(ratings, eval_transform(arch), shards=shards, default_user=name or out.stem)
+        table = read_ratings(ratings, eval_transform(arch), shards=shards, default_user=name or out.stem,
+                             allow_pipe=allow_pipe)
         multi = table.per_user
         if multi and out.exists() and not out.is_dir():
             raise LaionfilterError(f"{out}: the ratings have a user column, so --out is a folder for their "

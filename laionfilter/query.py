@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .errors import LaionfilterError
 from .log import note
-from .names import check_name
+from .names import check_distinct, check_name
 from .safefiles import atomic_write
 from .tables import read_table
 from .writer import FIXED_COLUMNS, rating_column
@@ -43,18 +43,22 @@ def _parquet_files(path: Path, what: str) -> list[Path]:
 
 
 def _dataset(path: Path, what: str):
-    """The files as one lazily read pyarrow dataset (a CSV/TSV join table is read whole)."""
+    """The files as one lazily read pyarrow dataset (a CSV/TSV join table is read whole). Column names
+    that differ only in case are refused: DuckDB would rename one (``bob`` to ``bob_1``)."""
     import pyarrow.dataset as pds
 
     if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".tab"):
-        return read_table(path)
-    files = _parquet_files(path, what)
-    try:
-        schema = pa.unify_schemas([pq.read_schema(f) for f in files])
-        return pds.dataset([str(f) for f in files], schema=schema, format="parquet")
-    except (pa.ArrowInvalid, OSError) as e:
-        bad = next((f for f in files if not _is_parquet(f)), files[0])
-        raise LaionfilterError(f"{bad}: cannot read it as Parquet ({str(e).splitlines()[0]})") from None
+        data = read_table(path)
+    else:
+        files = _parquet_files(path, what)
+        try:
+            schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+            data = pds.dataset([str(f) for f in files], schema=schema, format="parquet")
+        except (pa.ArrowInvalid, OSError) as e:
+            bad = next((f for f in files if not _is_parquet(f)), files[0])
+            raise LaionfilterError(f"{bad}: cannot read it as Parquet ({str(e).splitlines()[0]})") from None
+    check_distinct(data.schema.names, "columns", path)
+    return data
 
 
 def _is_parquet(path: Path) -> bool:

@@ -23,7 +23,7 @@ from .errors import LaionfilterError
 from .images import ImageDecodeError
 from .log import note
 from .metrics import ranks_anything
-from .names import check_distinct, check_name, is_plain_name
+from .names import check_name, is_plain_name, name_key
 from .safefiles import file_sha256
 from .tables import read_table, require_columns, resolve_path
 
@@ -60,13 +60,13 @@ def _report(path, problems: list[str]) -> None:
                                + "\n  ".join(problems[:MAX_LISTED]) + more)
 
 
-def _shard_images(shards: str, keys: set[str]) -> dict[str, bytes]:
+def _shard_images(shards: str, keys: set[str], allow_pipe: bool = False) -> dict[str, bytes]:
     """Image bytes for the wanted keys, reading each shard once with the scorer's reader."""
     from .reader import Sample, read_shard
     from .shards import expand_shards
 
     found: dict[str, bytes] = {}
-    for url in expand_shards(shards):
+    for url in expand_shards(shards, allow_pipe):
         for item in read_shard(url):
             if isinstance(item, Sample):
                 image = item.image
@@ -87,26 +87,34 @@ def _users(table, path: Path, default_user: str | None, problems: list[str]) -> 
         if not u:
             problems.append(f"row {i + 2}: user is empty")
         elif not is_plain_name(u):
-            problems.append(f"row {i + 2}: user {u!r} is not a plain name (letters, digits, '_', '-', '.'; "
-                            "it names the profile file and the score column)")
+            try:
+                check_name(u, "user")
+            except LaionfilterError as e:
+                problems.append(f"row {i + 2}: {e} (it names the profile file and the score column)")
             users[i] = ""  # reported once, here
-    try:
-        check_distinct(dict.fromkeys(u for u in users if u), "users")
-    except LaionfilterError as e:
-        problems.append(str(e))
+    spellings: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, u in enumerate(users):
+        if u:
+            spellings[name_key(u)][u].append(i + 2)
+    for same in spellings.values():
+        if len(same) > 1:
+            problems.append("users " + " and ".join(f"{u!r} (rows {_rows(r)})" for u, r in same.items())
+                            + " collide: they differ only in case, and would write the same profile file and score column")
     return users
 
 
-def _images(values: list, path: Path, shards: str | None, transform: Callable, problems: list[str],
-            column: str = "image") -> tuple[list[str | None], dict[str, torch.Tensor]]:
+def _rows(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:8])) + (", ..." if len(numbers) > 8 else "")
+
+
+def _images(values: list, path: Path, shards: str | None, found: dict[str, bytes] | None, transform: Callable,
+            problems: list[str], column: str = "image") -> tuple[list[str | None], dict[str, torch.Tensor]]:
     """Each row's image reference (resolved path or shard key; None if missing or unreadable) and the
-    pixels of each distinct image, decoded once."""
+    pixels of each distinct image, decoded once. ``found``: the image bytes read from ``shards``."""
     n = len(values)
     refs: list[str | None] = [None] * n
     sources: dict[str, bytes | Path] = {}
     if shards:
-        wanted = {str(v) for v in values if v is not None}
-        found = _shard_images(shards, wanted)
         for i, v in enumerate(values):
             if v is None or str(v) not in found:
                 problems.append(f"row {i + 2}: sample key {v!r} not found in {shards}")
@@ -119,7 +127,13 @@ def _images(values: list, path: Path, shards: str | None, transform: Callable, p
                 problems.append(f"row {i + 2}: {column} is empty")
                 continue
             p = resolve_path(str(v), path.parent)
-            if not p.is_file():
+            try:
+                found = p.is_file()
+            except OSError as e:  # a path too long for the file system, say
+                problems.append(f"row {i + 2}: {column} {str(v)[:80]!r}{'...' if len(str(v)) > 80 else ''} "
+                                f"is not a usable path ({e.strerror})")
+                continue
+            if not found:
                 problems.append(f"row {i + 2}: {column} {v!r} not found (looked for {p})")
                 continue
             refs[i] = str(p.resolve())
@@ -141,19 +155,34 @@ def _images(values: list, path: Path, shards: str | None, transform: Callable, p
     return refs, pixels
 
 
+MAX_SCORE = 1e6  # any rating scale people use fits many times over; past it, fits and calibrations overflow
+
+
 def parse_score(value: Any) -> float:
-    """A score cell as a finite number; a ValueError saying what is wrong with it otherwise."""
+    """A score cell as a finite number of at most ``MAX_SCORE`` in magnitude; a ValueError saying what is
+    wrong with it otherwise."""
+    if isinstance(value, bool):  # a Parquet boolean column is not a rating scale
+        raise ValueError(f"score {value!r} is not a number")
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"score {value!r} is not a number") from None
     if not math.isfinite(v):
         raise ValueError(f"score is {value!r}")
+    if abs(v) > MAX_SCORE:
+        raise ValueError(f"score {value!r} is beyond ±{MAX_SCORE:.0e}; use the rating scale itself (1–10, 1–5, ...)")
     return v
 
 
+def _keys_in_shards(table, columns: list[str], shards: str | None, allow_pipe: bool) -> dict[str, bytes] | None:
+    if not shards:
+        return None
+    wanted = {str(v) for c in columns for v in table.column(c).to_pylist() if v is not None}
+    return _shard_images(shards, wanted, allow_pipe)
+
+
 def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | None = None,
-                 default_user: str | None = None) -> Ratings:
+                 default_user: str | None = None, allow_pipe: bool = False) -> Ratings:
     """Validate a ratings file (read once) and return one preprocessed support set per user.
 
     A file with ``image_a``, ``image_b`` and ``winner`` columns (``laionfilter rate --mode pairs``) holds
@@ -162,7 +191,7 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
     path = Path(path)
     table = read_table(path)
     if {"image_a", "image_b", "winner"} <= set(table.column_names):
-        return read_pairs(path, table, transform, shards, default_user)
+        return read_pairs(path, table, transform, shards, default_user, allow_pipe)
     require_columns(table, ["image", "score"], path)
     n = table.num_rows
     if n == 0:
@@ -177,7 +206,8 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
         except ValueError as e:
             problems.append(f"row {i + 2}: {e}")  # row 1 is the header (Parquet: the same numbering)
     users = _users(table, path, default_user, problems)
-    refs, pixels = _images(images, path, shards, transform, problems)
+    refs, pixels = _images(images, path, shards, _keys_in_shards(table, ["image"], shards, allow_pipe), transform,
+                           problems)
 
     by_user: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, (u, r) in enumerate(zip(users, refs)):
@@ -188,8 +218,7 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
             continue
         if not ranks_anything([scores[i] for rows in by_user.get(u, {}).values() for i in rows]):
             rows = [i + 2 for i, x in enumerate(users) if x == u]
-            shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
-            problems.append(f"user {u!r} (rows {shown}): fewer than two distinct valid scores; nothing to rank")
+            problems.append(f"user {u!r} (rows {_rows(rows)}): fewer than two distinct valid scores; nothing to rank")
     _report(path, problems)
 
     out = []
@@ -209,7 +238,7 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
 
 
 def read_pairs(path: Path, table, transform: Callable, shards: str | None = None,
-               default_user: str | None = None) -> Ratings:
+               default_user: str | None = None, allow_pipe: bool = False) -> Ratings:
     """Pairwise answers (``image_a``, ``image_b``, ``winner`` = a, b or tie): one support set per user,
     whose ``pairs`` are (preferred, other) image indices. Ties are kept in ``ties`` and left out of
     the Bradley–Terry loss, which has no term for them (the paper's eq. 3 ranks strict preferences)."""
@@ -222,8 +251,9 @@ def read_pairs(path: Path, table, transform: Callable, shards: str | None = None
         if w not in ("a", "b", "tie"):
             problems.append(f"row {i + 2}: winner {w!r} is not a, b or tie")
     users = _users(table, path, default_user, problems)
-    a_refs, a_pix = _images(table.column("image_a").to_pylist(), path, shards, transform, problems, "image_a")
-    b_refs, b_pix = _images(table.column("image_b").to_pylist(), path, shards, transform, problems, "image_b")
+    found = _keys_in_shards(table, ["image_a", "image_b"], shards, allow_pipe)  # the shards read once for both
+    a_refs, a_pix = _images(table.column("image_a").to_pylist(), path, shards, found, transform, problems, "image_a")
+    b_refs, b_pix = _images(table.column("image_b").to_pylist(), path, shards, found, transform, problems, "image_b")
     pixels = {**a_pix, **b_pix}
     per_user: dict[str, list[int]] = defaultdict(list)
     for i, u in enumerate(users):

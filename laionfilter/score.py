@@ -49,7 +49,7 @@ class ScoreConfig:
     ray_address: str | None = None  # None: start or join the local Ray instance; "auto": the running cluster
     ray_actors: int | None = None  # None: one per GPU (or CPU) of the cluster
     max_pixels: int = MAX_PIXELS  # larger images get status 'bomb'
-    allow_pipe: bool = False  # run pipe: lines of a shard list file
+    allow_pipe: bool = False  # let pipe: shard URLs run their shell commands
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

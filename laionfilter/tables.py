@@ -29,6 +29,7 @@ def read_table(path: str | os.PathLike) -> pa.Table:
         if suffix in (".parquet", ".pq") or path.is_dir():
             return pq.read_table(path)
         if suffix in (".csv", ".tsv", ".tab", ".txt"):
+            _check_utf8(path)
             delimiter = "\t" if suffix in (".tsv", ".tab") else ","
             # Strings stay strings: a column of paths must never be parsed into numbers or dates.
             return pacsv.read_csv(
@@ -40,6 +41,15 @@ def read_table(path: str | os.PathLike) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as e:
         raise LaionfilterError(f"{path}: cannot read it as a table ({e})") from None
     raise LaionfilterError(f"{path}: unknown table format {suffix!r} (use .csv, .tsv or .parquet)")
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse UTF-16 and UTF-32 text (what Windows tools call "Unicode") with a hint, not a parse error."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in head:
+        raise LaionfilterError(f"{path}: the text looks UTF-16 or UTF-32 encoded (it has zero bytes); save it as "
+                               "UTF-8 (in Excel: CSV UTF-8; or iconv -f UTF-16 -t UTF-8)")
 
 
 def require_columns(table: pa.Table, columns: list[str], path: str | os.PathLike) -> None:

@@ -2,6 +2,9 @@
 
 import io
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +255,7 @@ def test_a_pipe_line_in_a_list_file_needs_allow_pipe(shards, profiles, small_ban
 
 def test_a_failing_pipe_is_one_line_naming_command_and_status(profiles, small_bank, tmp_path):
     r = run("score", "pipe:exit 3", "--profile", profiles[0], "--bank", small_bank.path, "--out", tmp_path / "s",
-            "--workers", "0", "--device", "cpu")
+            "--workers", "0", "--device", "cpu", "--allow-pipe")
     assert r.exit_code == 1
     assert "command 'exit 3' exited with status 3" in r.output and "OSError" not in r.output
 
@@ -476,3 +479,95 @@ def test_a_progress_bar_redraws_rarely_in_a_log_file_and_as_usual_on_a_terminal(
         assert interval(log) != LOG_REFRESH_S
     monkeypatch.delenv("TQDM_MININTERVAL")
     assert interval(Terminal()) < 1
+
+
+# Round two ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("score", ["1e300", "-1e308", "1e7"])
+def test_an_absurd_score_is_refused_by_row(small_bank, ratings_csv, tmp_path, score):
+    lines = ratings_csv.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + "," + score
+    shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
+    (tmp_path / "r.csv").write_text("\n".join(lines) + "\n")
+    r = run("learn", tmp_path / "r.csv", "--bank", small_bank.path, "--out", tmp_path / "p.profile", "--steps", "1",
+            "--device", "cpu")
+    assert r.exit_code == 1 and "row 4" in r.output and "nothing was learned" in r.output, r.output
+    assert not (tmp_path / "p.profile").exists()
+
+
+def test_a_boolean_is_not_a_score():
+    from laionfilter.ratings import parse_score
+
+    assert parse_score(7) == 7.0 and parse_score("-3.5") == -3.5
+    for value in (True, False):  # a Parquet boolean column: once read as 1 and 0
+        with pytest.raises(ValueError, match="not a number"):
+            parse_score(value)
+
+
+def test_a_calibration_that_is_not_finite_is_an_error_when_fitted_or_loaded():
+    from laionfilter.calibrate import Calibration, fit_calibration
+
+    with pytest.raises(LaionfilterError, match="cannot be fitted.*not finite"):
+        fit_calibration(np.array([0.0, 1.0, 2.0]), np.array([1.7e308, 1.7e308, -1e308]))
+    for bad in ({"kind": "linear", "low": 1, "high": 5, "slope": float("inf"), "intercept": 0},
+                {"kind": "linear", "low": 1, "high": 5, "slope": 1, "intercept": float("nan")},
+                {"kind": "isotonic", "low": 1, "high": 5, "x": [0, float("inf")], "y": [1, 2]}):
+        with pytest.raises(LaionfilterError, match="malformed calibration"):
+            Calibration.from_json(bad)
+
+
+def test_names_are_limited_by_their_bytes_before_any_fit(small_bank, ratings_csv, tmp_path):
+    assert check_name("花" * 42) and check_name("x" * 128)
+    long = "é" * 128  # 128 characters, 256 bytes: over the 255 a file name may have
+    table = ratings_with_users(ratings_csv, tmp_path, ["alice", long])
+    r = run("learn", table, "--bank", small_bank.path, "--out", tmp_path / "profiles", "--steps", "1", "--device", "cpu")
+    line = one_line_error(r)
+    assert "row 3" in r.output and "bytes" in r.output and "nothing was learned" in line
+    assert not list(tmp_path.rglob("*.profile"))  # not even alice's, learned before the long name failed
+
+
+def test_messages_give_rows_and_encodings(small_bank, ratings_csv, tmp_path):
+    table = ratings_with_users(ratings_csv, tmp_path, ["Bob", "bob", "ann"])
+    r = run("learn", table, "--bank", small_bank.path, "--out", tmp_path / "p", "--steps", "1", "--device", "cpu")
+    assert r.exit_code == 1 and "'Bob' (rows 2, 5, 8" in r.output and "'bob' (rows 3, 6, 9" in r.output, r.output
+
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_text(ratings_csv.read_text(), encoding="utf-16")
+    r = run("learn", utf16, "--bank", small_bank.path, "--out", tmp_path / "p.profile", "--device", "cpu")
+    assert r.exit_code == 1 and "UTF-16" in r.output and "UTF-8" in r.output, r.output
+
+    lines = table.read_text().splitlines()
+    lines[4] = f"{'d/' * 2100}x.png,3,ann"  # a path over PATH_MAX
+    table.write_text("\n".join(lines) + "\n")
+    r = run("learn", table, "--bank", small_bank.path, "--out", tmp_path / "p", "--steps", "1", "--device", "cpu")
+    assert r.exit_code == 1 and "row 5" in r.output and "not a usable path" in r.output, r.output
+
+
+def test_guidance_refuses_columns_that_differ_only_in_case(tmp_path):
+    pq.write_table(pa.table({"key": ["a", "b"], "shard": ["s", "s"], "url": ["u", "v"], "caption": ["", ""],
+                             "status": ["ok", "ok"], "bob": [1.0, 2.0], "Bob": [2.0, 1.0]}), tmp_path / "s.parquet")
+    r = run("guidance", tmp_path / "s.parquet", "--out", tmp_path / "g")
+    assert r.exit_code == 1 and "'bob' and 'Bob'" in r.output, r.output
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_backgrounded_rate_server_stops_on_a_signal_with_its_summary(tmp_path, sig):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(jpeg(Image.fromarray(load_photo("coffee")).resize((40, 30))))
+    # A shell starts a background job with SIGINT ignored, and Python then installs no handler for it.
+    proc = subprocess.Popen([sys.executable, "-m", "laionfilter", "rate", str(photos), "--out", str(tmp_path / "r.csv")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        lines = []
+        while not any(line.startswith("open http") for line in lines):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines)
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "r.csv: 0 answers" in rest, "".join(lines) + rest

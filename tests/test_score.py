@@ -188,7 +188,7 @@ def test_shard_specs(shards, tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(three) + "\n# a comment\n")
     assert expand_shards(str(lst)) == three
-    assert expand_shards("pipe:cat /x/{0..1}.tar") == ["pipe:cat /x/0.tar", "pipe:cat /x/1.tar"]
+    assert expand_shards("pipe:cat /x/{0..1}.tar", allow_pipe=True) == ["pipe:cat /x/0.tar", "pipe:cat /x/1.tar"]
     with pytest.raises(LaionfilterError, match="no such shard"):
         expand_shards(str(shards / "{00000..00004}.tar"))
 
@@ -196,7 +196,7 @@ def test_shard_specs(shards, tmp_path):
 def test_pipe_urls_are_read(shards, profiles, small_bank, tmp_path):
     out = tmp_path / "piped"
     s = score_shards(f"pipe:cat {shards}/{{00000..00001}}.tar", profiles[:1], out, bank=small_bank,
-                     cfg=ScoreConfig(workers=0, device="cpu"), progress=False)
+                     cfg=ScoreConfig(workers=0, device="cpu", allow_pipe=True), progress=False)
     assert s["scored"] == 14 and sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet", "00001.parquet"]
 
 

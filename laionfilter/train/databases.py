@@ -176,7 +176,7 @@ class ShardDatabase(IterableDataset):
 
 
 def open_database(database: str, transform, template, *, image_column="image", score_column="score",
-                  score_key="score", raw_range=None, val_fraction=0.1, seed=0):
+                  score_key="score", raw_range=None, val_fraction=0.1, seed=0, allow_pipe=False):
     """A table file, or shards (a folder of .tar, a brace pattern, or a shard list) with scores in json."""
     p = Path(database)
     if p.suffix.lower() in (".csv", ".tsv", ".tab", ".parquet", ".pq"):
@@ -184,7 +184,7 @@ def open_database(database: str, transform, template, *, image_column="image", s
                                    raw_range=raw_range, val_fraction=val_fraction, seed=seed)
     from ..shards import expand_shards
 
-    urls = expand_shards(database)
+    urls = expand_shards(database, allow_pipe)
     common = dict(score_key=score_key, raw_range=raw_range, val_fraction=val_fraction, seed=seed)
     return (ShardDatabase(urls, transform, template, **common),
             ShardDatabase(urls, transform, template, want_val=True, **common))

@@ -163,8 +163,10 @@ def _load_optimizer_state(opt, model, tensors: dict[str, torch.Tensor]) -> None:
             opt.state[p] = {k: v.to(p.device) for k, v in state.items()}
 
 
-def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, resume: bool = True) -> dict[str, Any]:
-    """Run phase 1 and write the task checkpoint to ``out``; returns its metadata."""
+def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, resume: bool = True,
+             allow_pipe: bool = False) -> dict[str, Any]:
+    """Run phase 1 and write the task checkpoint to ``out``; returns its metadata. ``allow_pipe``: let
+    ``pipe:`` shard URLs of the database run their commands."""
     out = Path(out)
     device = pick_device(cfg.device)
     arch, model = load_base(cfg.base, HeadConfig(seed=cfg.head_seed))
@@ -176,7 +178,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, progress: bool = True, resume
     train, val = open_database(
         cfg.database, transform, template, image_column=cfg.image_column, score_column=cfg.score_column,
         score_key=cfg.score_key, raw_range=ScoreRange(*cfg.score_range) if cfg.score_range else None,
-        val_fraction=cfg.val_fraction, seed=cfg.seed,
+        val_fraction=cfg.val_fraction, seed=cfg.seed, allow_pipe=allow_pipe,
     )
     model.to(device)
     ckpt = out.with_name(out.name + ".ckpt")
