@@ -112,10 +112,10 @@ class DecodeOnly(ShardBatches):
             yield len(b.rows) if isinstance(b, Batch) else 0
 
 
-def decode_only(urls: list[str], preprocess: dict, batch: int, workers: int) -> float:
+def decode_only(urls: list[str], preprocess: dict, batch: int, workers: int, decode: str = "scaled") -> float:
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(DecodeOnly(urls, preprocess, batch), batch_size=None, collate_fn=lambda x: x,
+    loader = DataLoader(DecodeOnly(urls, preprocess, batch, decode=decode), batch_size=None, collate_fn=lambda x: x,
                         num_workers=workers, prefetch_factor=4 if workers else None)
     t = time.perf_counter()
     n = sum(loader)
@@ -123,8 +123,11 @@ def decode_only(urls: list[str], preprocess: dict, batch: int, workers: int) -> 
 
 
 def decoded_pixels(urls: list[str], preprocess: dict, batch: int) -> torch.Tensor:
-    """The shards' preprocessed images, for the model-only measurement (untimed)."""
-    return torch.cat([b.pixels for b in ShardBatches(urls, preprocess, batch) if isinstance(b, Batch)])
+    """The shards' preprocessed images, normalised, for the model-only measurement (untimed)."""
+    from laionfilter.images import Preprocessor
+
+    cropped = torch.cat([b.pixels for b in ShardBatches(urls, preprocess, batch) if isinstance(b, Batch)])
+    return Preprocessor(preprocess).normalise(cropped)
 
 
 def end_to_end(urls, profiles, bank, out: Path, batch: int, workers: int) -> float:

@@ -486,6 +486,13 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_fr
               "scoring); default: one per core.")
 @device_option()
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the merged models.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              help="The vision towers' weights: auto is bf16 on a GPU and on a CPU with AVX-512 BF16 or AMX "
+                   "(the ranking agrees with fp32 at Spearman ≥ 0.999), fp32 elsewhere.")
+@click.option("--decode", type=click.Choice(["full", "scaled", "gpu"]), default="full",
+              help="full: every image at full size by the workers; scaled: a large JPEG decoded at a reduced "
+                   "DCT scale that still covers the model's input (faster, but it moves the ranking); gpu: JPEGs "
+                   "decoded by nvJPEG on the GPU (faster only on large JPEGs). Measured in benchmarks/README.md.")
 @click.option("--overwrite", is_flag=True, help="Redo shards already done (and replace another run's manifest).")
 @click.option("--rank", type=int, help="This process's share of the shards (default: $RANK or 0).")
 @click.option("--world-size", type=int, help="Number of processes sharing the shards (default: $WORLD_SIZE or 1).")
@@ -497,8 +504,8 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_fr
 @allow_pipe_option
 @click.option("--strict", is_flag=True, help="Exit 1 when any image could not be scored (default: only when a shard failed).")
 @json_option
-def score(shards, profiles, bank_path, out, batch_size, workers, device, compile_, overwrite, rank, world_size,
-          distributor, ray_address, max_pixels, allow_pipe, strict, as_json):
+def score(shards, profiles, bank_path, out, batch_size, workers, device, compile_, precision, decode, overwrite, rank,
+          world_size, distributor, ray_address, max_pixels, allow_pipe, strict, as_json):
     """Score WebDataset shards with one or more profiles into a resumable Parquet folder.
 
     SHARDS is a folder of .tar files, a glob, a brace pattern (shards/{00000..00099}.tar), a text
@@ -511,7 +518,9 @@ def score(shards, profiles, bank_path, out, batch_size, workers, device, compile
     from .score import ScoreConfig, score_shards
 
     imported = time.perf_counter()  # torch, torchvision and open_clip: most of a short run's fixed cost
-    cfg = ScoreConfig(batch_size=batch_size, workers=workers, device=device, compile=compile_, overwrite=overwrite,
+    cfg = ScoreConfig(batch_size=batch_size, workers=workers, device=device, compile=compile_, precision=precision,
+                      decode=decode,
+                      overwrite=overwrite,
                       rank=rank, world_size=world_size, distributor=distributor, ray_address=ray_address,
                       allow_pipe=allow_pipe, **({"max_pixels": max_pixels} if max_pixels else {}))
     s = score_shards(shards, list(profiles), out, bank=bank_path, cfg=cfg)

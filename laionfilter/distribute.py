@@ -22,16 +22,18 @@ class ShardScorer:
 
     def __init__(self, profiles: list[tuple[str, str]], bank_path: str, device: str, batch_size: int, out: str,
                  fingerprint: str, compile: bool = False, cpu_chunk: int | None = None, max_pixels: int | None = None,
-                 after_batch: Callable[[], Any] | None = None):
+                 after_batch: Callable[[], Any] | None = None, precision: str = "auto", decode: str = "full"):
         from .bank import load_bank
         from .images import MAX_PIXELS, Preprocessor
         from .profile import load_profile
-        from .scorer import MergedModels, scoring_device
+        from .scorer import MergedModels, check_decode, scoring_device
 
         bank = load_bank(bank_path)
         loaded = [(column, load_profile(p)) for column, p in profiles]
-        self.models = MergedModels(loaded, bank, scoring_device(device), compile, cpu_chunk)
-        self.pre = Preprocessor(bank.manifest["architecture"]["preprocess"], max_pixels or MAX_PIXELS)
+        self.models = MergedModels(loaded, bank, scoring_device(device), compile, cpu_chunk, precision)
+        self.decode = check_decode(decode, self.models.device)
+        self.pre = Preprocessor(bank.manifest["architecture"]["preprocess"], max_pixels or MAX_PIXELS,
+                                scaled_decode=self.decode == "scaled")
         self.batch_size, self.out, self.fingerprint = batch_size, Path(out), fingerprint
         self.after_batch = after_batch  # tests inject a fault here
 
@@ -39,7 +41,7 @@ class ShardScorer:
         from .mapper import shard_batches
         from .scorer import write_batches
 
-        for stats in write_batches(shard_batches(url, self.pre, self.batch_size), self.models, self.out,
+        for stats in write_batches(shard_batches(url, self.pre, self.batch_size, self.decode == "gpu"), self.models, self.out,
                                    self.fingerprint, on_batch=self.after_batch and (lambda _: self.after_batch())):
             return stats
         raise RuntimeError(f"{url}: shard ended without its end marker")
@@ -71,7 +73,8 @@ def run_ray(todo: list[str], profiles: list[tuple[str, Path]], bank_path: Path, 
     n = max(1, min(len(todo), cfg.ray_actors or slots))
     actor = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_restarts=-1, max_task_retries=3)(ShardScorer)
     actors = [actor.remote([(c, str(p)) for c, p in profiles], str(bank_path), "cuda" if use_gpu else "cpu",
-                           cfg.batch_size, str(out), fingerprint, cfg.compile, cfg.cpu_chunk, cfg.max_pixels, after_batch)
+                           cfg.batch_size, str(out), fingerprint, cfg.compile, cfg.cpu_chunk, cfg.max_pixels, after_batch,
+                           cfg.precision, cfg.decode)
               for _ in range(n)]
     bar = progress_bar(total=len(todo), desc=f"score on Ray ({n} actors)", unit="shard", disable=not progress)
     images = 0

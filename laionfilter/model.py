@@ -72,7 +72,16 @@ class BaseSpec:
 
 
 class ScoreHead(nn.Sequential):
-    """Linear(embed, 512) → GELU → Dropout(0.5) → Linear(512, 10) → Sigmoid."""
+    """Linear(embed, 512) → GELU → Dropout(0.5) → Linear(512, 10) → Sigmoid.
+
+    Profiles that share the tower compute their heads together (``scorer._Heads``): the first layer's
+    weight is a linear combination of the bank's, so its products are combined rather than recomputed.
+    What that needs of the layout is here, beside the layers: the first weight's name, the rest's, and the
+    head's maths after the first product, for K profiles at once.
+    """
+
+    FIRST_WEIGHT = "head.0.weight"  # [hidden, embed]
+    REST = ("head.0.bias", "head.3.weight", "head.3.bias")  # [hidden], [outputs, hidden], [outputs]
 
     def __init__(self, embed_dim: int, cfg: HeadConfig):
         gen_state = torch.random.get_rng_state()
@@ -87,6 +96,15 @@ class ScoreHead(nn.Sequential):
             )
         finally:
             torch.random.set_rng_state(gen_state)
+
+    @staticmethod
+    def after_first_product(products: torch.Tensor, b0: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
+        """The head's output [K, N, outputs] for K profiles, from their first layer's products without bias
+        [K, N, hidden] and their own ``REST`` tensors stacked ([K, hidden], [K, outputs, hidden], [K, outputs]).
+        The second layer runs as W · Gᵀ, [K, outputs, N]: G · Wᵀ, a product only 10 wide, ran 3.8× slower on
+        the CPU (MKL, 8 profiles × 32 images: 186 against 49 µs)."""
+        hidden = nn.functional.gelu(products.add_(b0[:, None]))  # dropout is the identity at inference
+        return torch.sigmoid(torch.bmm(w3, hidden.transpose(1, 2)).add_(b3[:, :, None])).transpose(1, 2)
 
 
 class ScoreModel(nn.Module):

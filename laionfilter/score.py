@@ -40,6 +40,8 @@ class ScoreConfig:
     workers: int | None = None  # DataLoader worker processes (0: read in the main process; None: default_workers())
     device: str = "auto"
     compile: bool = False
+    precision: str = "auto"  # the towers' weights: fp32, bf16, or auto (bf16 where the GPU or CPU has it)
+    decode: str = "full"  # full, scaled (large JPEGs at a reduced DCT scale) or gpu (nvJPEG): scorer.DECODES
     overwrite: bool = False
     rank: int | None = None  # None: from RANK, else 0
     world_size: int | None = None  # None: from WORLD_SIZE, else 1
@@ -114,9 +116,11 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
     if cfg.distributor not in ("local", "ray"):
         raise LaionfilterError(f"distributor must be local or ray, not {cfg.distributor!r}")
     if cfg.distributor == "local":
-        from .scorer import scoring_device
+        from .scorer import check_decode, resolve_precision, scoring_device
 
-        device = scoring_device(cfg.device)  # refuse a missing GPU before any work
+        device = scoring_device(cfg.device)  # refuse a missing GPU, or options it cannot take, before any work
+        check_decode(cfg.decode, device)
+        resolve_precision(cfg.precision, device)
     rank, world = rank_and_world(cfg)
     urls = shards if isinstance(shards, list) else expand_shards(shards, cfg.allow_pipe)
     mine = urls[rank::world]
@@ -152,7 +156,7 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
     elif todo:
         from .scorer import MergedModels, run_local
 
-        models = MergedModels(named, the_bank, device, cfg.compile, cfg.cpu_chunk)
+        models = MergedModels(named, the_bank, device, cfg.compile, cfg.cpu_chunk, cfg.precision)
         summary["timing"]["models_s"] = round(time.time() - started, 3)
         run_local(todo, models, the_bank, out, fingerprint, cfg, summary, progress)
     summary["seconds"] = round(time.time() - started, 2)

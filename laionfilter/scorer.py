@@ -18,11 +18,12 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .bank import Bank
+from .errors import LaionfilterError
 from .images import MAX_PIXELS, Preprocessor
 from .log import note, progress_bar
-from .mapper import Batch, ShardDone, shard_batches
+from .mapper import Batch, ShardDone, decode_on_device, shard_batches
 from .merge import merge_weights
-from .model import ScoreModel, autocast, count_blocks, layer_stage, pick_device, usable_cores
+from .model import ScoreHead, ScoreModel, count_blocks, layer_stage, pick_device, usable_cores
 from .profile import Profile
 from .reader import shard_name
 from .writer import ShardRows, rating_columns
@@ -35,6 +36,49 @@ def scoring_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return device
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this processor computes in bf16 natively (AVX-512 BF16 or AMX): then a bf16 ViT runs several
+    times faster than float32 on it (README, "Scoring on the CPU"). Linux's /proc/cpuinfo, else False."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the vision tower's weights are held in: ``auto`` is bf16 on a GPU that has it and on a CPU
+    with AVX-512 BF16 or AMX, float32 elsewhere. The score head always runs in float32."""
+    if precision not in PRECISIONS:
+        raise LaionfilterError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
+        precision = "bf16" if fast else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+# ``full`` (the default): every image decoded at full size by the workers on the CPU. The others are
+# options, each measured (benchmarks/README.md): ``scaled`` (a large JPEG decoded at a reduced DCT scale)
+# moved the starter bank's ranking too far, since its tasks judge sharpness and noise at 64 pixels;
+# ``gpu`` (nvJPEG in the main process) was slower than the workers on 256-pixel JPEGs on an H200 with 16
+# cores, and faster only on 1,024-pixel ones.
+DECODES = ("full", "scaled", "gpu")
+
+
+def check_decode(decode: str, device: torch.device) -> str:
+    if decode not in DECODES:
+        raise LaionfilterError(f"decode must be one of {', '.join(DECODES)}, not {decode!r}")
+    if decode == "gpu" and device.type != "cuda":
+        raise LaionfilterError(f"--decode gpu needs a CUDA device, not {device}")
+    return decode
 
 
 def default_workers() -> int:
@@ -50,17 +94,15 @@ class _Heads:
     whatever K. Only the combination, the GELU and the small second layer are paid per profile.
     """
 
-    def __init__(self, bank: Bank, alphas: list[torch.Tensor], template: torch.Tensor, device: torch.device):
+    def __init__(self, bank: Bank, alphas: list[torch.Tensor], model: ScoreModel, device: torch.device):
         idx = {l: i for i, l in enumerate(bank.layers)}
-        a0 = torch.stack([a[:, idx["head.0.weight"]] for a in alphas])  # [K, n]
+        first, rest = ScoreHead.FIRST_WEIGHT, ScoreHead.REST
+        a0 = torch.stack([a[:, idx[first]] for a in alphas])  # [K, n]
         self.coef = torch.cat([torch.ones(len(alphas), 1), a0], 1).to(device)  # [K, n + 1]
-        self.basis = torch.cat([bank.pre["head.0.weight"][None], bank.tau["head.0.weight"].float()]).to(device)
-        merged = [merge_weights(bank.pre, bank.tau, ["head.0.bias", "head.3.weight", "head.3.bias"],
-                                a[:, [idx["head.0.bias"], idx["head.3.weight"], idx["head.3.bias"]]]) for a in alphas]
-        self.b0 = torch.stack([m["head.0.bias"] for m in merged]).to(device)  # [K, 512]
-        self.w3 = torch.stack([m["head.3.weight"] for m in merged]).to(device)  # [K, 10, 512]
-        self.b3 = torch.stack([m["head.3.bias"] for m in merged]).to(device)  # [K, 10]
-        self.template = template.to(device)
+        self.basis = torch.cat([bank.pre[first][None], bank.tau[first].float()]).to(device)  # [n + 1, hidden, E]
+        merged = [merge_weights(bank.pre, bank.tau, list(rest), a[:, [idx[l] for l in rest]]) for a in alphas]
+        self.b0, self.w3, self.b3 = (torch.stack([m[l] for m in merged]).to(device) for l in rest)
+        self.model = model
 
     # Profiles at a time. On the CPU 8, so that their [8, N, hidden] activations stay in cache (tiny ViT,
     # K = 512: 2.7 → 1.0 ms/image); on a GPU as many as fit in GPU_BLOCK_BYTES, since there each block
@@ -80,12 +122,8 @@ class _Heads:
         out = []
         for i in range(0, len(self.coef), block):
             j = slice(i, i + block)
-            pre = (self.coef[j] @ basis).view(-1, n_img, hidden).add_(self.b0[j, None])
-            # the 10-wide second layer as W · Gᵀ, [block, 10, N]: G · Wᵀ, a product only 10 wide, ran 3.8×
-            # slower on the CPU (MKL, 8 profiles × 32 images: 186 against 49 µs), most of K = 512's cost
-            logits = torch.bmm(self.w3[j], torch.nn.functional.gelu(pre).transpose(1, 2)).add_(self.b3[j, :, None])
-            probs = torch.sigmoid(logits).transpose(1, 2)  # [block, N, 10]
-            out.append((probs / probs.sum(-1, keepdim=True)) @ self.template)
+            products = (self.coef[j] @ basis).view(-1, n_img, hidden)
+            out.append(self.model.score(ScoreHead.after_first_product(products, self.b0[j], self.w3[j], self.b3[j])))
         return torch.cat(out)
 
 
@@ -146,8 +184,12 @@ class MergedModels:
     stages (learned with ``--tune top-N`` or ``head``) share one trunk, run once per batch."""
 
     def __init__(self, profiles: list[tuple[str, Profile]], bank: Bank, device: torch.device, compile: bool = False,
-                 cpu_chunk: int | None = None):
+                 cpu_chunk: int | None = None, precision: str = "auto"):
         self.device = device
+        # The towers' weights in this dtype (bf16: held so, not autocast, which re-casts every weight on
+        # every forward and ran ViT-B-16 slower than float32 on this CPU); inputs are normalised into it.
+        self.dtype = resolve_precision(precision, device)
+        self.pre = Preprocessor(bank.manifest["architecture"]["preprocess"])  # normalises; crops JPEGs decoded here
         # images per forward on the CPU (None: cpu_chunk_for the bank); elsewhere the whole batch
         self.chunk = (cpu_chunk or cpu_chunk_for(bank.architecture)) if device.type == "cpu" else None
         self.names = [name for name, _ in profiles]
@@ -169,14 +211,15 @@ class MergedModels:
         self.groups = []  # (split, member indices, trunk module, heads or tail states)
         for split, members in found:
             model = bank.model(bank.merged_state(alphas[members[0]])).to(device).eval()
+            model.visual.to(self.dtype)  # the head stays float32 (ScoreModel.head_score)
             if split == 0:
                 part = torch.compile(model) if compile else model
             elif split == blocks + 2:
-                part = _Heads(bank, [alphas[i] for i in members], model.template, device)
+                part = _Heads(bank, [alphas[i] for i in members], model, device)
             else:
                 tail_layers = [l for l, st in zip(bank.layers, stages.tolist()) if st >= split]
                 cols = [bank.layers.index(l) for l in tail_layers]
-                part = [{f"m.{k}": v.to(device) for k, v in
+                part = [{f"m.{k}": v.to(device, self.dtype if k.startswith("visual.") else v.dtype) for k, v in
                          merge_weights(bank.pre, bank.tau, tail_layers, alphas[i][:, cols]).items()} for i in members]
             self.groups.append((split, members, model, part))
         del skeleton
@@ -199,12 +242,12 @@ class MergedModels:
         if batch.pixels is None:
             out = {name: np.empty(0, np.float32) for name in self.names}
         else:
-            x = batch.pixels.to(self.device, non_blocking=True)
+            # uint8 crosses to the device (a quarter of float32's bytes) and is normalised there
+            x = self.pre.normalise(batch.pixels.to(self.device, non_blocking=True), self.dtype)
             step = self.chunk or len(x)
             out = {}
             for split, members, model, part in self.groups:
-                with autocast(self.device):
-                    y = torch.cat([self._group_scores(split, model, part, x[j:j + step]) for j in range(0, len(x), step)], 1)
+                y = torch.cat([self._group_scores(split, model, part, x[j:j + step]) for j in range(0, len(x), step)], 1)
                 # one copy from the device per group, and no Python float per score: on a GPU with 512
                 # head profiles of the tiny ViT, per-profile copies and then Python floats were most of the time
                 y = y.cpu().numpy()
@@ -229,6 +272,8 @@ def write_batches(batches: Iterable[Batch | ShardDone], models: MergedModels, ou
             del open_shards[item.url]
             yield rows.finish(out, fingerprint, item.error)
             continue
+        if item.jpegs:
+            item = decode_on_device(item, models.pre, models.device)
         rows.add(item.rows, item.index, item.scores if item.scores is not None else models.scores(item))
         if on_batch:
             on_batch(item)
@@ -242,18 +287,18 @@ class ShardBatches(IterableDataset):
     """
 
     def __init__(self, urls: list[str], preprocess: dict[str, Any], batch_size: int,
-                 models: MergedModels | None = None, max_pixels: int = MAX_PIXELS):
+                 models: MergedModels | None = None, max_pixels: int = MAX_PIXELS, decode: str = "full"):
         self.urls, self.preprocess, self.batch_size, self.models = urls, preprocess, batch_size, models
-        self.max_pixels = max_pixels
+        self.max_pixels, self.decode = max_pixels, decode
 
     def __iter__(self) -> Iterator[Batch | ShardDone]:
         info = get_worker_info()
         mine = self.urls[info.id::info.num_workers] if info else self.urls
         if info:
             torch.set_num_threads(1)  # one thread per worker process: the cores are shared
-        pre = Preprocessor(self.preprocess, self.max_pixels)
+        pre = Preprocessor(self.preprocess, self.max_pixels, scaled_decode=self.decode == "scaled")
         for url in mine:
-            for item in shard_batches(url, pre, self.batch_size):
+            for item in shard_batches(url, pre, self.batch_size, gpu_jpeg=self.decode == "gpu"):
                 if self.models is not None and isinstance(item, Batch):
                     item.scores, item.pixels = self.models.scores(item), None
                 yield item
@@ -269,7 +314,8 @@ def run_local(todo: list[str], models: MergedModels, bank: Bank, out, fingerprin
     device = models.device
     workers = min(default_workers() if cfg.workers is None else cfg.workers, len(todo))
     in_workers = models if device.type == "cpu" and workers else None  # forked workers share the weights
-    dataset = ShardBatches(todo, bank.manifest["architecture"]["preprocess"], cfg.batch_size, in_workers, cfg.max_pixels)
+    dataset = ShardBatches(todo, bank.manifest["architecture"]["preprocess"], cfg.batch_size, in_workers, cfg.max_pixels,
+                           check_decode(cfg.decode, device))
     loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=workers,
                         pin_memory=device.type == "cuda", prefetch_factor=cfg.prefetch if workers else None,
                         persistent_workers=False)

@@ -3,6 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from laionfilter.errors import LaionfilterError
+from laionfilter.images import Preprocessor
 from laionfilter.model import (SCALES, BaseSpec, HeadConfig, ScoreHead, build_architecture, eval_transform,
                                layer_names, load_base, weights_fingerprint)
 
@@ -96,10 +97,16 @@ def test_eval_transform_matches_open_clips_on_real_photos(photo):
     assert arch.preprocess["interpolation"] == "bicubic" and arch.preprocess["resize_mode"] == "shortest"
     buf = io.BytesIO()
     Image.fromarray(load_photo(photo)).save(buf, "JPEG", quality=90)
-    ours = eval_transform(arch)(buf.getvalue())
+    ours = Preprocessor(arch.preprocess, scaled_decode=False)(buf.getvalue())
     cfg = PreprocessCfg(**{k: tuple(v) if isinstance(v, list) else v for k, v in arch.preprocess.items()})
     theirs = image_transform_v2(cfg, is_train=False)(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     assert ours.shape == theirs.shape == (3, 64, 64)
-    # At most one uint8 level apart (1/255 over the smallest std), and nearly always equal.
-    assert (ours - theirs).abs().max() <= 1.01 / 255 / min(arch.preprocess["std"])
+    level = 1 / 255 / min(arch.preprocess["std"])
+    # At most one uint8 level apart, and nearly always equal.
+    assert (ours - theirs).abs().max() <= 1.01 * level
     assert (ours - theirs).abs().mean() < 1e-3
+    assert torch.equal(eval_transform(arch)(buf.getvalue()), ours)  # the default decodes at full size
+    # --decode scaled decodes a JPEG this large (over twice the 64-pixel input) at a reduced DCT scale:
+    # the same picture, a few levels apart on average (what that does to scores: benchmarks/decode.py).
+    scaled = Preprocessor(arch.preprocess, scaled_decode=True)(buf.getvalue())
+    assert scaled.shape == ours.shape and 0 < (scaled - theirs).abs().mean() < 4 * level

@@ -31,8 +31,8 @@ def direct_scores(profile_path, bank, data: list[bytes]) -> np.ndarray:
 
 def test_two_workers_score_each_sample_once_and_match_the_direct_forward(shards, profiles, small_bank, tmp_path):
     out = tmp_path / "scores.parquet"
-    s = score_shards(str(shards), profiles, out, bank=small_bank, cfg=ScoreConfig(workers=2, batch_size=4, device="cpu"),
-                     progress=False)
+    s = score_shards(str(shards), profiles, out, bank=small_bank, progress=False,
+                     cfg=ScoreConfig(workers=2, batch_size=4, device="cpu", precision="fp32"))
     assert (s["done"], s["failed"], s["samples"], s["scored"]) == (3, 0, 21, 21)
     rows = read_scores(out)
     keys = [r["key"] for r in rows]
@@ -227,3 +227,113 @@ def test_ratings_may_name_sample_keys_in_shards(shards, small_bank, tmp_path):
     ratings.write_text("image,score\n00000000,3\nnot-a-key,4\n")
     with pytest.raises(LaionfilterError, match="row 3: sample key 'not-a-key' not found"):
         read_ratings(ratings, eval_transform(small_bank.architecture), shards=str(shards))
+
+
+# Decoding and precision ------------------------------------------------------------------------------
+
+def test_bf16_is_chosen_where_the_processor_has_it():
+    from laionfilter.scorer import cpu_has_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert cpu_has_bf16("flags : fpu avx512f avx512_bf16 avx512_vnni") and cpu_has_bf16("flags : amx_bf16 amx_tile")
+    assert not cpu_has_bf16("flags : fpu avx2 avx512f avx512_vnni") and not cpu_has_bf16("")
+    assert resolve_precision("fp32", cpu) == torch.float32 and resolve_precision("bf16", cpu) == torch.bfloat16
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    with pytest.raises(LaionfilterError, match="precision"):
+        resolve_precision("fp16", cpu)
+
+
+@pytest.mark.parametrize("tune", ["all", "head"])  # whole merged models, and heads on one shared trunk
+def test_bf16_weights_rank_as_fp32_does(shards, small_bank, ratings_csv, tmp_path, tune):
+    from laionfilter.profile import learn_profiles
+    from laionfilter.recipe import LearnConfig
+    from laionfilter.scorer import MergedModels
+    from laionfilter.metrics import srocc
+
+    profs = [learn_profiles(ratings_csv, small_bank, tmp_path / f"{n}.profile",
+                            LearnConfig(steps=3, device="cpu", tune=tune, init=init), progress=False)[0].path
+             for n, init in (("a", "adaptive"), ("b", "uniform"))]
+    got = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        score_shards(str(shards), profs, out, bank=small_bank, progress=False,
+                     cfg=ScoreConfig(workers=0, batch_size=8, device="cpu", precision=precision))
+        got[precision] = {r["key"]: (r["a"], r["b"]) for r in read_scores(out)}
+    keys = sorted(got["fp32"])
+    assert keys == sorted(got["bf16"])
+    for j in range(2):
+        a, b = (np.array([got[p][k][j] for k in keys]) for p in ("fp32", "bf16"))
+        assert srocc(a, b) > 0.98 and np.abs(a - b).max() < 0.05 * np.ptp(a)
+        assert np.any(a != b)  # it did run in bf16
+    loaded = [(p.stem, load_profile(p)) for p in profs]
+    models = MergedModels(loaded, small_bank, torch.device("cpu"), precision="bf16")
+    for _, _, model, _ in models.groups:
+        assert model.visual.conv1.weight.dtype == torch.bfloat16 and model.head[0].weight.dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def big_jpegs(tmp_path_factory):
+    """A shard of JPEGs far larger than the starter bank's 64-pixel input, a PNG, and a JPEG whose
+    header reads but whose data is cut short."""
+    from PIL import Image
+
+    from .helpers import crops, jpeg
+
+    samples = []
+    for i, img in enumerate(crops(6, seed=60)):
+        big = img.resize((300 + 40 * i, 260 + 20 * i))
+        samples.append({"__key__": f"big{i}", "jpg": jpeg(big)})
+    samples.append({"__key__": "cmyk", "jpg": jpeg(crops(1, seed=61)[0].resize((300, 280)).convert("CMYK"))})
+    import io
+
+    buf = io.BytesIO()
+    crops(1, seed=62)[0].resize((280, 280)).save(buf, "PNG")
+    samples.append({"__key__": "png", "png": buf.getvalue()})
+    whole = jpeg(crops(1, seed=63)[0].resize((400, 300)))
+    samples.append({"__key__": "cut", "jpg": whole[: len(whole) // 2]})
+    assert Image.open(io.BytesIO(whole[: len(whole) // 2])).size == (400, 300)
+    return write_shard(tmp_path_factory.mktemp("big") / "big.tar", samples)
+
+
+def test_scaled_decoding_keeps_every_row_and_the_ranking(big_jpegs, profiles, small_bank, tmp_path):
+    from laionfilter.metrics import srocc
+
+    rows = {}
+    for decode in ("full", "scaled"):
+        out = tmp_path / decode
+        score_shards(str(big_jpegs), profiles[:1], out, bank=small_bank, progress=False,
+                     cfg=ScoreConfig(workers=0, batch_size=4, device="cpu", precision="fp32", decode=decode))
+        rows[decode] = {r["key"]: r for r in read_scores(out)}
+    full, scaled = rows["full"], rows["scaled"]
+    assert full.keys() == scaled.keys()
+    for k in full:  # the image's own size and status, whatever scale it was decoded at
+        assert (full[k]["width"], full[k]["height"], full[k]["status"]) == (scaled[k]["width"], scaled[k]["height"],
+                                                                          scaled[k]["status"]), k
+    assert full["big5"]["width"] == 500 and full["cut"]["status"] == "corrupt"
+    ok = [k for k in full if full[k]["status"] == "ok"]
+    a, b = (np.array([r[k]["alice"] for k in ok]) for r in (full, scaled))
+    assert len(ok) == 8 and srocc(a, b) > 0.95 and np.abs(a - b).max() < 0.1 * np.ptp(a)
+    assert np.any(a != b)  # the large JPEGs were decoded at another scale
+
+
+def test_jpegs_left_for_the_gpu_decode_there_or_fall_back_by_row(big_jpegs, small_bank):
+    """The --decode gpu path, run on the CPU: JPEGs cross as bytes, the rest as pixels, and the batch the
+    model sees is the CPU path's; a JPEG the batched decoder refuses is decoded alone or gets its status."""
+    from laionfilter.mapper import decode_on_device, shard_batches
+
+    pre = Preprocessor(small_bank.architecture.preprocess, scaled_decode=False)
+    [cpu_batch, _] = list(shard_batches(str(big_jpegs), pre, 16))
+    [left, _] = list(shard_batches(str(big_jpegs), pre, 16, gpu_jpeg=True))
+    assert left.index == [6, 7] and left.jpeg_rows == [0, 1, 2, 3, 4, 5, 8]  # CMYK and PNG decoded in the worker
+    done = decode_on_device(left, pre, torch.device("cpu"))  # the cut JPEG fails the batched call
+    assert done.index == cpu_batch.index == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert done.rows == cpu_batch.rows and done.rows[8]["status"] == "corrupt" and done.pixels.dtype == torch.uint8
+    assert torch.equal(done.pixels, cpu_batch.pixels)
+    whole = [s for s in shard_batches(str(big_jpegs), pre, 6, gpu_jpeg=True)][0]  # six good JPEGs, one call
+    assert torch.equal(decode_on_device(whole, pre, torch.device("cpu")).pixels, cpu_batch.pixels[:6])
+
+
+def test_decode_options_are_checked_before_any_work(shards, profiles, small_bank, tmp_path):
+    r = CliRunner().invoke(cli, ["score", str(shards), "--profile", str(profiles[0]), "--bank", str(small_bank.path),
+                                 "--out", str(tmp_path / "s"), "--device", "cpu", "--decode", "gpu"])
+    assert r.exit_code == 1 and "--decode gpu needs a CUDA device" in r.output and not (tmp_path / "s").exists()

@@ -71,29 +71,32 @@ def test_many_head_profiles_match_their_merged_models(tuned, small_bank):
         mask = tuned_layers(small_bank.layers, "head")
         alpha[:, mask] += 0.3 * torch.randn(alpha[:, mask].shape)
         profiles.append((f"p{i}", type(base)(alpha, base.meta)))
-    models = MergedModels(profiles, small_bank, torch.device("cpu"))
+    models = MergedModels(profiles, small_bank, torch.device("cpu"), precision="fp32")
     assert [(s, len(m)) for s, m, _, _ in models.groups] == [(6, 40)]
     from laionfilter.mapper import Batch
 
-    x = torch.randn(5, 3, 64, 64)
+    x = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)  # cropped pixels, as workers hand them over
     got = models.scores(Batch("u", [{}] * 5, list(range(5)), x))
     with torch.no_grad():
         for name, prof in profiles[::7]:
-            np.testing.assert_allclose(got[name], prof.model(small_bank)(x).numpy(), rtol=1e-5, atol=1e-5)
+            want = prof.model(small_bank)(models.pre.normalise(x)).numpy()
+            np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_heads_equal_alone_under_bf16_autocast(tuned, small_bank):
-    """On a GPU `score` runs under bf16 autocast; the score head stays in float32 there, in the grouped
-    path and alone alike, so that their rows still agree to float tolerance. CPU autocast stands in."""
+def test_grouped_heads_equal_alone_with_bf16_weights(tuned, small_bank):
+    """With --precision bf16 (the default on a GPU and on a CPU with bf16 units) the towers run in bf16 and
+    the score head in float32, in the grouped path and alone alike, so that their rows still agree to
+    float tolerance."""
     from laionfilter.mapper import Batch
 
     profiles = [(k, tuned[k]) for k in ("h1", "h2")]
-    x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    x = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     batch = Batch("u", [{}] * 6, list(range(6)), x)
     cpu = torch.device("cpu")
-    grouped, single = MergedModels(profiles, small_bank, cpu), [MergedModels([p], small_bank, cpu) for p in profiles]
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # as MergedModels.scores enters it on a GPU
-        together = grouped.scores(batch)
-        for (name, _), models in zip(profiles, single):
-            np.testing.assert_allclose(together[name], models.scores(batch)[name], rtol=1e-5, atol=1e-5)
+    grouped = MergedModels(profiles, small_bank, cpu, precision="bf16")
+    single = [MergedModels([p], small_bank, cpu, precision="bf16") for p in profiles]
+    assert grouped.groups[0][2].visual.conv1.weight.dtype == torch.bfloat16
+    together = grouped.scores(batch)
+    for (name, _), models in zip(profiles, single):
+        np.testing.assert_allclose(together[name], models.scores(batch)[name], rtol=1e-5, atol=1e-5)
     assert not np.allclose(together["h1"], together["h2"])  # the heads differ, so the check could fail
