@@ -8,7 +8,8 @@ bank's (64):
   uint8      the same pixels handed over as uint8 and normalised where the model runs (the default);
   scaled     uint8, and a JPEG at least twice the resize target decoded at a reduced DCT scale
              (``score --decode scaled``).
-Then, on the starter bank, `score`'s whole streaming loop (the default: full-size decoding, bf16 where
+Then the decoders alone on the 1,024-pixel JPEGs (torchvision at full size, PIL at the reduced scale);
+on the starter bank, `score`'s whole streaming loop (the default: full-size decoding, bf16 where
 the CPU has it) with one worker on one core against a plain loop on one core that decodes each image at
 full size and resizes it (no model), side by side; and the scores' agreement of ``scaled`` with full-size
 decoding (Spearman, and the largest difference over the scores' range) for the starter bank and for
@@ -121,6 +122,24 @@ def agreement(urls: list[str], bank, prof: Path) -> dict:
             "max_abs_diff_over_range": round(float(np.abs(a - b).max() / np.ptp(a)), 5)}
 
 
+def decoder_only(urls: list[str], target: int) -> dict[str, float]:
+    """Milliseconds per image of the decoders alone, in this process on one thread: torchvision's full-size
+    decode against PIL's at the reduced DCT scale (what bounds scaled decoding: libjpeg still reads every
+    coefficient of the entropy-coded data, whatever the scale)."""
+    from laionfilter.images import _decode_whole, _header, _load
+
+    data = [s.files["jpg"] for u in urls for s in read_shard(u) if isinstance(s, Sample)]
+    out = {}
+    for name, f in (("full_ms", lambda d: _decode_whole(d, _header(d, 1 << 40))),
+                    ("dct_scaled_ms", lambda d: _load(_header(d, 1 << 40), target))):
+        f(data[0])
+        t = time.perf_counter()
+        for d in data:
+            f(d)
+        out[name] = round((time.perf_counter() - t) / len(data) * 1000, 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path)
@@ -145,6 +164,8 @@ def main() -> None:
             row["scaled_over_float32"] = round(row["scaled"] / row["float32"], 2)
             res["per_worker"].setdefault(model, {})[name] = row
             print(model, name, row, flush=True)
+    res["decoder_only_jpeg_1024_to_224"] = decoder_only(sets["jpeg-1024"], 224)
+    print("decoders alone, 1,024-pixel JPEGs", res["decoder_only_jpeg_1024_to_224"], flush=True)
     [prof] = profiles_for(starter, 1, tmp / "p")
     loops = {}
     for side in (256, 1024):

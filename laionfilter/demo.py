@@ -1,8 +1,9 @@
 """The one-command demo: learn → score → select → guidance → a DuckDB query, on the starter bank.
 
-Everything it uses ships with the package or is made from photos the starter bank never saw: example
-shards (crops of the reserved evaluation photos, degraded at random along the starter criteria) and a
-bundled ratings file of 36 images rated 1–5 stars by "alice", who likes bright, warm, sharp photos.
+Everything it uses ships with the package, so that it runs without the training extras: example shards
+(crops of photos the starter bank never saw, degraded at random along the starter criteria) and a
+ratings file of 36 images rated 1–5 stars by "alice", who likes bright, warm, sharp photos. The two
+``write_example_*`` functions say how they were made (they need ``pip install 'laionfilter[train]'``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def write_example_ratings(folder: Path, n: int = 36, seed: int = 7) -> Path:
     return folder / "ratings.csv"
 
 
-def write_example_shards(folder: Path, shards: int = 4, per_shard: int = 48, seed: int = 11) -> Path:
+def write_example_shards(folder: Path = EXAMPLE / "shards", shards: int = 4, per_shard: int = 24, seed: int = 11) -> Path:
     import webdataset as wds
 
     from .train.starter import load_photo
@@ -95,10 +96,10 @@ def run_demo(out: str | Path, steps: int = LearnConfig.steps, echo: Callable[[st
                                "rerun with --overwrite to replace them, or give another --out")
     out.mkdir(parents=True, exist_ok=True)
     if not paths["ratings"].exists():
-        shutil.copytree(EXAMPLE, out / "ratings", dirs_exist_ok=True)
+        shutil.copytree(EXAMPLE, out / "ratings", dirs_exist_ok=True, ignore=shutil.ignore_patterns("shards"))
     echo(f"1. example ratings (36 images, 1–5 stars): {paths['ratings']}")
-    write_example_shards(paths["shards"])
-    echo(f"2. example shards (4 × 48 images the starter bank never saw): {paths['shards']}")
+    shutil.copytree(EXAMPLE / "shards", paths["shards"], dirs_exist_ok=True)
+    echo(f"2. example shards (4 × 24 images the starter bank never saw): {paths['shards']}")
     bank = resolve_bank("starter")
     [profile] = learn_profiles(paths["ratings"], bank, paths["profile"], LearnConfig(steps=steps), progress=progress,
                                name="alice")

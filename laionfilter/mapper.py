@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .images import ImageDecodeError, Preprocessor, gpu_decodable
-from .reader import IMAGE_EXTS, Sample, ShardEnd, read_shard, shard_name
+from .reader import IMAGE_EXTS, Sample, ShardEnd, Source, read_shard, shard_name
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Batch:
     float32 array per column, ``scores[c][j]`` the score of row ``index[j]``, and ``pixels`` is dropped.
     """
 
-    url: str
+    url: Source
     rows: list[dict[str, Any]]
     index: list[int]
     pixels: torch.Tensor | None
@@ -46,7 +46,7 @@ class Batch:
 class ShardDone:
     """The end of a shard; ``error`` says why it ended early (a truncated tar, a failing pipe)."""
 
-    url: str
+    url: Source
     error: str | None = None
 
 
@@ -58,6 +58,9 @@ def sample_row(sample: Sample, shard: str, pre: Preprocessor,
     row = {"key": sample.key, "shard": shard, "url": meta.get("url"), "caption": meta.get("caption"),
            "width": meta.get("width"), "height": meta.get("height"), "status": "ok", "error": None}
     image = sample.image
+    if sample.error:
+        row["status"], row["error"] = "unreadable", sample.error
+        return row, None, None
     if image is None:
         other = sorted(e for e in sample.files if not e.startswith("__"))
         row["status"], row["error"] = "no_image", f"no {'/'.join(IMAGE_EXTS)} in sample (has: {', '.join(other) or 'nothing'})"
@@ -102,7 +105,7 @@ def decode_on_device(batch: Batch, pre: Preprocessor, device: torch.device) -> B
     return Batch(batch.url, batch.rows, index, torch.stack([have[i] for i in index]) if index else None)
 
 
-def shard_batches(url: str, pre: Preprocessor, batch_size: int, gpu_jpeg: bool = False) -> Iterator[Batch | ShardDone]:
+def shard_batches(url: Source, pre: Preprocessor, batch_size: int, gpu_jpeg: bool = False) -> Iterator[Batch | ShardDone]:
     """Batches of one shard's decoded samples, then its ShardDone; with ``gpu_jpeg``, JPEGs are left for
     ``decode_on_device``."""
     name = shard_name(url)

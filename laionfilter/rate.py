@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -39,7 +40,6 @@ from .tables import answers_writer
 
 WEB = Path(__file__).parent / "web"
 STATIC = {"rate.js": "text/javascript", "rate.css": "text/css"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 MODES = {"stars": ["image", "score"], "pairs": ["image_a", "image_b", "winner"]}
 WINNERS = ("a", "b", "tie")
 MAX_BODY = 4096  # bytes: the largest answer the page sends is some 60
@@ -67,23 +67,18 @@ def collect_images(source: str, from_scores: str | None = None, out: Path | None
                    allow_pipe: bool = False) -> list[Item]:
     """The images of SOURCE: a folder (recursively), a glob, or WebDataset shards (sample keys; ``pipe:``
     URLs run only with ``allow_pipe``)."""
-    import glob
-
-    from .shards import expand_shards
+    from .shards import IMAGE_SUFFIXES, expand_shards, find_images
 
     base = (out.parent if out else Path.cwd()).resolve()
 
     def file_item(p: Path) -> Item:
-        p = p.resolve()
         label = os.path.relpath(p, base) if os.path.commonpath([p, base]) == str(base) else str(p)
         return Item(label, p.read_bytes)
 
-    p = Path(source)
-    if p.is_dir() and not any(p.glob("*.tar")):
-        items = [file_item(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
-    elif any(c in source for c in "*?[") and not source.endswith(".tar") and "{" not in source:
-        items = [file_item(Path(f)) for f in sorted(glob.glob(source, recursive=True))
-                 if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    found = find_images(source)
+    if found is not None:
+        root, files = found
+        items = [file_item(root / f) for f in files]
     else:
         from .reader import Sample, read_shard
 
@@ -139,6 +134,7 @@ class Session:
     skipped: set = field(default_factory=set)
     skipped_images: set = field(default_factory=set)
     order_hint: list[int] | None = None  # items in this order first (rate --order active), the rest shuffled
+    learn_command: str | None = None  # what the page says to run once done (None: learn OUT --out me.profile)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -229,9 +225,10 @@ class Session:
         return None
 
     def state(self) -> dict[str, Any]:
+        learn = self.learn_command or shlex.join(["laionfilter", "learn", str(self.out), "--out", "me.profile"])
         return {"mode": self.mode, "scale": self.scale, "target": self.target, "rated": len(self.rows),
                 "user": self.user, "out": str(self.out), "next": self.next_item(),
-                "last": self.rows[-1] if self.rows else None}
+                "last": self.rows[-1] if self.rows else None, "learn_command": learn}
 
     # -- answers ------------------------------------------------------------------------------------
 
@@ -424,6 +421,15 @@ def _stopped_by_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def learn_command(source: str, out: str | os.PathLike, user: str | None = None, allow_pipe: bool = False) -> str:
+    """What to run on the answers once done: with --shards where SOURCE is shards (the answers name
+    sample keys), and into a folder where the file has a user column (one profile per user)."""
+    from .shards import find_images
+
+    shards = [] if find_images(source) is not None else ["--shards", source, *(["--allow-pipe"] if allow_pipe else [])]
+    return shlex.join(["laionfilter", "learn", str(out), *shards, "--out", "profiles/" if user else "me.profile"])
+
+
 def run(source: str, out: str | os.PathLike, mode: str = "stars", scale: int = 10, target: int = 20,
         user: str | None = None, host: str = "127.0.0.1", port: int = 0, open_browser: bool = False,
         from_scores: str | None = None, echo: Callable[[str], Any] = print, order: str = "random",
@@ -440,7 +446,8 @@ def run(source: str, out: str | os.PathLike, mode: str = "stars", scale: int = 1
         hint = active_order(items, bank)
     elif from_scores:
         hint = list(range(len(items)))  # collect_images put them in score-spread order
-    session = Session(out, items, mode=mode, scale=scale, target=target, user=user, order_hint=hint)
+    session = Session(out, items, mode=mode, scale=scale, target=target, user=user, order_hint=hint,
+                      learn_command=learn_command(source, out, user, allow_pipe))
     server = serve(session, host, port)
     url = f"http://{host}:{server.server_address[1]}/"
     try:

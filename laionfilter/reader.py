@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 
 
 @dataclass
 class Sample:
     key: str
     files: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None  # an image file that could not be read (a folder of images)
 
     @property
     def image(self) -> tuple[str, bytes] | None:
@@ -50,8 +51,10 @@ class ShardEnd:
     error: str | None = None
 
 
-def shard_name(url: str) -> str:
+def shard_name(url: str | ImageChunk) -> str:
     """A shard's name for its output files: the tar's file name without extension."""
+    if isinstance(url, ImageChunk):
+        return url.name
     base = url.rstrip("/ -").split("/")[-1].split()[-1] if url.startswith("pipe:") else os.path.basename(url)
     for ext in (".tar.gz", ".tgz", ".tar"):
         if base.endswith(ext):
@@ -67,8 +70,11 @@ def describe_error(url: str, e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def read_shard(url: str) -> Iterator[Sample | ShardEnd]:
+def read_shard(url: str | ImageChunk) -> Iterator[Sample | ShardEnd]:
     """Samples of one shard in order, then a ShardEnd (with the error if the tar broke)."""
+    if isinstance(url, ImageChunk):
+        yield from _read_images(url)
+        return
     from webdataset.gopen import gopen
     from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
@@ -101,3 +107,29 @@ def read_shard(url: str) -> Iterator[Sample | ShardEnd]:
     if current is not None:
         yield current
     yield ShardEnd(url, error)
+
+
+@dataclass(frozen=True)
+class ImageChunk:
+    """Image files scored as one shard (``shards.CHUNK`` at most): a folder of one's own images needs no tar.
+    Each is a sample whose key is its path relative to ``root``; the files are read where they are."""
+
+    name: str  # the part file's name
+    root: str
+    files: tuple[str, ...]  # paths relative to root, "/"-separated
+
+    def __str__(self) -> str:
+        return f"{self.root} ({self.name}: {self.files[0]} .. {self.files[-1]})"
+
+
+Source = str | ImageChunk  # a shard's URL or path, or a chunk of image files
+
+
+def _read_images(chunk: ImageChunk) -> Iterator[Sample | ShardEnd]:
+    for rel in chunk.files:
+        ext = rel.rsplit(".", 1)[-1].lower()
+        try:
+            yield Sample(rel, {ext: (Path(chunk.root) / rel).read_bytes()})
+        except OSError as e:  # a file that vanished or cannot be read: its row says so
+            yield Sample(rel, error=f"cannot read the file ({e.strerror or e})")
+    yield ShardEnd(str(chunk))

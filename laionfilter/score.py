@@ -16,6 +16,7 @@ main process writes one part file per shard.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -28,9 +29,9 @@ from .images import MAX_PIXELS
 from .log import note
 from .names import check_distinct, check_name
 from .profile import Profile, load_profile
-from .reader import shard_name
+from .reader import ImageChunk, shard_name
 from .safefiles import file_sha256
-from .shards import expand_shards, is_remote
+from .shards import expand_sources, is_remote
 from .writer import FIXED_COLUMNS, prepare_output, rating_column, rating_columns, shard_done
 
 
@@ -122,8 +123,9 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
         check_decode(cfg.decode, device)
         resolve_precision(cfg.precision, device)
     rank, world = rank_and_world(cfg)
-    urls = shards if isinstance(shards, list) else expand_shards(shards, cfg.allow_pipe)
+    urls = shards if isinstance(shards, list) else expand_sources(shards, cfg.allow_pipe)
     mine = urls[rank::world]
+    chunks = [u for u in urls if isinstance(u, ImageChunk)]
     manifest = {
         "bank": {"fingerprint": the_bank.fingerprint, "path": str(the_bank.path)},
         "profiles": [{"name": column, "sha256": file_sha256(f).hexdigest(), "path": str(f), "learned_as": p.name}
@@ -131,6 +133,10 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
         "preprocess": the_bank.manifest["architecture"]["preprocess"],
         "options": {**cfg.to_json(), "rank": rank, "world_size": world},
     }
+    if chunks:  # which image went to which part: a rerun over a changed folder is another run
+        listing = "\n".join(f"{c.name}\t{f}" for c in chunks for f in c.files)
+        manifest["images"] = {"root": chunks[0].root, "count": sum(len(c.files) for c in chunks),
+                              "sha256": hashlib.sha256(listing.encode()).hexdigest()}
     fingerprint = prepare_output(out, manifest, cfg.overwrite)
     todo = [u for u in mine if cfg.overwrite or not shard_done(out, shard_name(u), fingerprint)]
     names = [shard_name(u) for u in urls]
@@ -150,7 +156,7 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
     if todo and cfg.distributor == "ray":
         from .distribute import run_ray
 
-        local = [u if is_remote(u) else str(Path(u).resolve()) for u in todo]  # for other cwds
+        local = [u if isinstance(u, ImageChunk) or is_remote(u) else str(Path(u).resolve()) for u in todo]  # other cwds
         run_ray(local, [(column, f.resolve()) for column, _, f in loaded], the_bank.path.resolve(), out.resolve(),
                 fingerprint, cfg, summary, progress)
     elif todo:

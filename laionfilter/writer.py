@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from .errors import LaionfilterError
 from .formats import SCORES_FORMAT, validate
+from .reader import Source
 from .safefiles import atomic_write, read_json, write_json
 
 FIXED_COLUMNS = ["key", "shard", "url", "caption", "width", "height", "status", "error"]
@@ -43,7 +44,7 @@ def schema(profiles: list[str]) -> pa.Schema:
 
 
 def manifest_fingerprint(manifest: dict[str, Any]) -> str:
-    body = {k: manifest[k] for k in ("format", "bank", "profiles", "preprocess")}
+    body = {k: manifest[k] for k in ("format", "bank", "profiles", "preprocess", "images") if k in manifest}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -57,7 +58,7 @@ def prepare_output(out: Path, manifest: dict[str, Any], overwrite: bool) -> str:
         old = validate(read_json(path, what="scores manifest"), SCORES_FORMAT, path)
         if old.get("fingerprint") != fp:
             raise LaionfilterError(
-                f"{out}: holds scores made with other profiles, bank or preprocessing "
+                f"{out}: holds scores made with other profiles, bank, preprocessing or images "
                 f"({', '.join(p['name'] for p in old.get('profiles', []))}); use --overwrite to redo it, or another --out")
     write_json(path, {**manifest, "fingerprint": fp})
     return fp
@@ -82,7 +83,7 @@ def shard_done(out: Path, name: str, fingerprint: str) -> bool:
 class ShardRows:
     """Rows of one shard as they come, written out in one go when the shard ends."""
 
-    url: str
+    url: Source
     name: str
     profiles: list[str]
     started: float = field(default_factory=time.time)
@@ -123,7 +124,7 @@ class ShardRows:
         counts: dict[str, int] = {}
         for s in statuses:
             counts[s] = counts.get(s, 0) + 1
-        stats = {"shard": self.url, "name": self.name, "status": "failed" if error else "done", "error": error,
+        stats = {"shard": str(self.url), "name": self.name, "status": "failed" if error else "done", "error": error,
                  "samples": len(statuses), "ok": counts.get("ok", 0), "statuses": counts,
                  "seconds": round(time.time() - self.started, 3), "fingerprint": fingerprint}
         write_json(stats_path(out, self.name), stats)

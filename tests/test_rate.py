@@ -28,10 +28,13 @@ DOCS = os.environ.get("LAIONFILTER_DOCS_SCREENSHOTS")  # set to docs/ to refresh
 
 @pytest.fixture
 def photos(tmp_path):
+    """Ten of the demo's photos (128 pixels), as the README's screenshots show them."""
+    from laionfilter.demo import EXAMPLE
+
     folder = tmp_path / "photos"
     folder.mkdir()
-    for i, img in enumerate(crops(10, seed=31)):
-        (folder / f"{i:02d}.jpg").write_bytes(jpeg(img.resize((320, 240))))
+    for i in range(10):
+        shutil.copy(EXAMPLE / "images" / f"{i:02d}.jpg", folder / f"{i:02d}.jpg")
     return folder
 
 
@@ -87,10 +90,11 @@ def ready(driver):
     return driver.find_element("tag name", "body").get_attribute("data-ready")
 
 
-def test_stars_by_keyboard_resume_and_undo_then_pairs_then_learn(browser, photos, tmp_path, small_bank):
+def test_stars_by_keyboard_resume_and_undo_then_pairs_then_learn(browser, photos, tmp_path, small_bank, monkeypatch):
     from selenium.webdriver.common.keys import Keys
 
-    out = tmp_path / "ratings.csv"
+    monkeypatch.chdir(tmp_path)  # the page names the output as given: a short relative path, as a user types it
+    out = Path("my-ratings.csv")
     run = Running(Session(out, collect_images(str(photos), out=out), mode="stars", scale=10, target=8))
     browser.get(run.url)
     shown = []
@@ -119,7 +123,7 @@ def test_stars_by_keyboard_resume_and_undo_then_pairs_then_learn(browser, photos
     assert b"\r" not in out.read_bytes()  # LF line ends, whether rows were appended or rewritten by undo
     run.stop()
 
-    pairs_out = tmp_path / "pairs.csv"
+    pairs_out = Path("my-pairs.csv")
     run = Running(Session(pairs_out, collect_images(str(photos), out=pairs_out), mode="pairs", target=4))
     browser.get(run.url)
     for key in (Keys.ARROW_LEFT, Keys.ARROW_DOWN, Keys.ARROW_RIGHT, Keys.ARROW_LEFT):
@@ -225,3 +229,58 @@ def test_a_read_only_output_is_refused_before_serving(photos, tmp_path):
             Session(mnt / "r.csv", collect_images(str(photos)))
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _box(driver, element_id):
+    return driver.execute_script(
+        "const i = document.getElementById(arguments[0]); const r = i.getBoundingClientRect();"
+        "return [i.naturalWidth, i.naturalHeight, r.width, r.height, r.left, r.top, r.right, r.bottom,"
+        " window.innerWidth, window.innerHeight, i.complete];", element_id)
+
+
+def test_images_are_shown_whole_never_enlarged_and_the_mouse_skips_and_undoes(browser, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a-small.jpg").write_bytes(jpeg(crops(1, seed=5)[0].resize((64, 48))))
+    (folder / "b-wide.jpg").write_bytes(jpeg(Image.new("RGB", (3000, 600), (200, 90, 40))))
+    out = tmp_path / "r.csv"
+    items = collect_images(str(folder), out=out)
+    run = Running(Session(out, items, target=2, order_hint=[0, 1]))  # the small one first
+    try:
+        browser.get(run.url)
+        ready(browser)
+        WebDriverWait(browser, 10).until(lambda d: _box(d, "single")[-1] and _box(d, "single")[0])
+        nw, nh, w, h, *_ = _box(browser, "single")
+        assert (nw, nh) == (64, 48) and (round(w), round(h)) == (64, 48)  # its own size: not upscaled
+        assert "64 × 48 px" in browser.find_element("id", "single-size").text
+        assert "1 = not at all, 10 = very much" in browser.find_element("id", "question").text
+        state = ready(browser)
+        browser.find_element("id", "skip").click()  # skip by mouse
+        WebDriverWait(browser, 10).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready") != state)
+        WebDriverWait(browser, 10).until(lambda d: _box(d, "single")[0] == 3000 and _box(d, "single")[-1])
+        nw, nh, w, h, left, top, right, bottom, vw, vh, _ = _box(browser, "single")
+        assert w < nw and abs(w / h - nw / nh) < 0.01  # scaled down to fit, whole: the aspect ratio kept
+        assert left >= 0 and top >= 0 and right <= vw and bottom <= vh  # and inside the window: never cropped
+        assert "shown at" in browser.find_element("id", "single-size").text
+        state = ready(browser)
+        browser.find_element("css selector", "#buttons button:nth-child(7)").click()  # 7 stars, by mouse
+        WebDriverWait(browser, 10).until(lambda d: rows(out))
+        assert rows(out) == [["mixed/b-wide.jpg", "7"]]
+        browser.find_element("id", "undo").click()  # undo by mouse
+        WebDriverWait(browser, 10).until(lambda d: not rows(out))
+        assert browser.find_element("id", "count").text == "0 / 2"
+    finally:
+        run.stop()
+
+
+def test_the_done_page_gives_the_learn_command_for_the_source(shards, photos, tmp_path):
+    from laionfilter.rate import learn_command
+
+    out = tmp_path / "r.csv"
+    assert learn_command(str(shards), out) == f"laionfilter learn {out} --shards {shards} --out me.profile"
+    assert learn_command(str(photos), out, user="ann") == f"laionfilter learn {out} --out profiles/"
+    session = Session(out, collect_images(str(photos)), learn_command=learn_command(str(photos), out))
+    assert session.state()["learn_command"] == f"laionfilter learn {out} --out me.profile"

@@ -337,3 +337,81 @@ def test_decode_options_are_checked_before_any_work(shards, profiles, small_bank
     r = CliRunner().invoke(cli, ["score", str(shards), "--profile", str(profiles[0]), "--bank", str(small_bank.path),
                                  "--out", str(tmp_path / "s"), "--device", "cpu", "--decode", "gpu"])
     assert r.exit_code == 1 and "--decode gpu needs a CUDA device" in r.output and not (tmp_path / "s").exists()
+
+
+# One's own images ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """Nine JPEGs and a PNG in a folder and a subfolder, and a file that is not an image."""
+    from .helpers import crops, jpeg
+
+    root = tmp_path / "photos"
+    (root / "trip").mkdir(parents=True)
+    for i, img in enumerate(crops(10, seed=70)):
+        if i == 9:
+            img.save(root / "trip" / "last.png")
+        else:
+            (root / ("trip" if i % 3 == 0 else ".") / f"{i:02d}.jpg").write_bytes(jpeg(img))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_a_folder_of_images_is_scored_in_place_and_resumed(photo_folder, profiles, small_bank, tmp_path, monkeypatch):
+    from laionfilter import shards
+
+    monkeypatch.setattr(shards, "CHUNK", 4)  # three parts of at most four images
+    out = tmp_path / "scores"
+    r = CliRunner().invoke(cli, ["score", str(photo_folder), "--profile", str(profiles[0]), "--bank",
+                                 str(small_bank.path), "--out", str(out), "--device", "cpu", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    rows = read_scores(out)
+    want = sorted(["01.jpg", "02.jpg", "04.jpg", "05.jpg", "07.jpg", "08.jpg", "trip/00.jpg", "trip/03.jpg",
+                   "trip/06.jpg", "trip/last.png"])
+    assert sorted(r["key"] for r in rows) == want
+    assert all(r["status"] == "ok" and r["alice"] is not None and r["width"] > 0 for r in rows)
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["images-00000.parquet", "images-00001.parquet",
+                                                             "images-00002.parquet"]
+    assert not list(out.rglob("*.jpg"))  # nothing copied
+    direct = direct_scores(profiles[0], small_bank, [(photo_folder / k).read_bytes() for k in want])
+    got = {r["key"]: r["alice"] for r in rows}
+    np.testing.assert_allclose([got[k] for k in want], direct, rtol=0.05, atol=0.05)  # bf16 by default here
+    r = CliRunner().invoke(cli, ["score", str(photo_folder), "--profile", str(profiles[0]), "--bank",
+                                 str(small_bank.path), "--out", str(out), "--device", "cpu", "--workers", "0", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] == 3
+    (photo_folder / "new.jpg").write_bytes((photo_folder / "01.jpg").read_bytes())  # the folder changed
+    r = CliRunner().invoke(cli, ["score", str(photo_folder), "--profile", str(profiles[0]), "--bank",
+                                 str(small_bank.path), "--out", str(out), "--device", "cpu", "--workers", "0"])
+    assert r.exit_code == 1 and "images" in r.output and "--overwrite" in r.output
+
+
+def test_globs_and_lists_of_images_are_keyed_relative_to_their_folder(photo_folder, tmp_path, monkeypatch):
+    from laionfilter.reader import ImageChunk
+    from laionfilter.shards import expand_sources
+
+    [chunk] = expand_sources(str(photo_folder / "trip" / "*.jpg"))
+    assert isinstance(chunk, ImageChunk) and chunk.files == ("00.jpg", "03.jpg", "06.jpg")
+    [chunk] = expand_sources(str(photo_folder / "**" / "*.png"))
+    assert chunk.root == str(photo_folder) and chunk.files == ("trip/last.png",)
+    lst = photo_folder / "pick.txt"
+    lst.write_text("01.jpg\ntrip/03.jpg\n# a comment\n")
+    [chunk] = expand_sources(str(lst))
+    assert chunk.root == str(photo_folder) and chunk.files == ("01.jpg", "trip/03.jpg")
+    lst.write_text("01.jpg\nmissing.jpg\n")
+    with pytest.raises(LaionfilterError, match="missing.jpg: no such image"):
+        expand_sources(str(lst))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LaionfilterError, match="no .tar shards and no images"):
+        expand_sources(str(empty))
+
+
+def test_an_image_file_that_cannot_be_read_gets_its_row(photo_folder, small_bank):
+    from laionfilter.mapper import Batch, shard_batches
+    from laionfilter.reader import ImageChunk
+
+    chunk = ImageChunk("images-00000", str(photo_folder), ("01.jpg", "gone.jpg", "notes.txt"))
+    [batch, done] = list(shard_batches(chunk, Preprocessor(small_bank.architecture.preprocess), 8))
+    assert isinstance(batch, Batch) and batch.index == [0] and done.error is None
+    assert batch.rows[1]["status"] == "unreadable" and "No such file" in batch.rows[1]["error"]
+    assert batch.rows[2]["status"] == "no_image"

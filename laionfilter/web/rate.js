@@ -24,8 +24,22 @@ function legend() {
   const keys = state.mode === "stars"
     ? `<kbd>1</kbd>–<kbd>${state.scale === 10 ? "9" : state.scale}</kbd>${state.scale === 10 ? " and <kbd>0</kbd> (=10)" : ""} rate`
     : "<kbd>←</kbd> left is better · <kbd>→</kbd> right is better · <kbd>↓</kbd> tie";
-  $("legend").innerHTML = `${keys} · <kbd>s</kbd> skip · <kbd>Backspace</kbd> undo · ` +
-    `answers go to <code>${state.out}</code>${state.user ? ` as <b>${state.user}</b>` : ""}`;
+  $("legend").innerHTML = `${keys} · <kbd>s</kbd> skip · <kbd>Backspace</kbd> undo · answers go to <code></code>` +
+    (state.user ? " as <b></b>" : "");
+  $("legend").querySelector("code").textContent = state.out;  // text, never markup: a path may hold anything
+  if (state.user) $("legend").querySelector("b").textContent = state.user;
+  $("question").textContent = state.mode === "stars"
+    ? `How much do you like this image? 1 = not at all, ${state.scale} = very much.`
+    : "Which of the two do you like better? Or are they equal?";
+}
+
+// Each image's own size beside it, and how far it was scaled down to fit (never up).
+function showSize(img) {
+  const label = $(`${img.id}-size`);
+  if (!img.naturalWidth) { label.textContent = ""; return; }
+  const shown = img.getBoundingClientRect().width / img.naturalWidth;
+  label.textContent = `${img.naturalWidth} × ${img.naturalHeight} px` +
+    (shown < 0.995 ? `, shown at ${Math.round(100 * shown)} %` : "");
 }
 
 function render() {
@@ -40,10 +54,13 @@ function render() {
     $("stars").hidden = $("pairs").hidden = true;
     $("done-count").textContent = state.rated;
     $("done-out").textContent = state.out;
-    document.querySelectorAll(".out").forEach((e) => (e.textContent = state.out));
+    $("learn-command").textContent = state.learn_command;
+    $("skip").disabled = true;
     document.title = "laionfilter · rated";
     return;
   }
+  $("skip").disabled = false;
+  ["single", "left", "right"].forEach((id) => ($(`${id}-size`).textContent = ""));
   if (state.mode === "stars") {
     $("single").src = `/image/${n.item}`;
     $("single").dataset.item = n.item;
@@ -117,7 +134,13 @@ async function start() {
     buttons.appendChild(b);
   }
   document.querySelectorAll("#pairs button").forEach((b) => b.addEventListener("click", () => pick(b.dataset.winner)));
-  ["single", "left", "right"].forEach((id) => $(id).addEventListener("error", () => unreadable($(id))));
+  ["single", "left", "right"].forEach((id) => {
+    $(id).addEventListener("error", () => unreadable($(id)));
+    $(id).addEventListener("load", () => showSize($(id)));
+  });
+  window.addEventListener("resize", () => ["single", "left", "right"].forEach((id) => showSize($(id))));
+  $("skip").addEventListener("click", () => { if (state.next && state.rated < state.target) skip(); });
+  $("undo").addEventListener("click", () => act("/api/undo", {}, "undone"));
   render();
 }
 
