@@ -681,6 +681,33 @@ def fetch(subset, out, image_size, processes, threads, options):
 
 
 @cli.command()
+@click.argument("scores", type=click.Path(exists=True))
+@click.option("--profile", required=True, help="The score column to show (a profile's name).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML page to write.")
+@click.option("--top", type=int, default=12, help="Images in the top and in the bottom strip.")
+@click.option("--shards", help="Where the images are, if the shards moved since scoring (default: where they "
+                               "were scored from).")
+@allow_pipe_option
+@json_option
+def report(scores, profile, out, top, shards, allow_pipe, as_json):
+    """Write one self-contained HTML page of what a profile selects: its top and bottom images and a
+    strip per tenth of its scores, each with the rating the user would give (thumbnails embedded).
+
+    \b
+    Example:
+      laionfilter report scores.parquet --profile alice --out alice.html
+    """
+    from .report import report as run
+
+    r = run(scores, profile, out, top=top, shards=shards, allow_pipe=allow_pipe)
+    if as_json:
+        _echo_json(r)
+    else:
+        click.echo(f"{out}: {r['thumbnails']} images of {r['images']:,} shown"
+                   + (f", {r['missing']} not found (give --shards where they are now)" if r["missing"] else ""))
+
+
+@cli.command()
 @click.argument("scores", type=click.Path())
 @click.option("--profile", "profiles", multiple=True, help="Profile(s) to build sets for (default: every profile).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder; one subfolder per profile.")

@@ -83,13 +83,14 @@ def run_demo(out: str | Path, steps: int = LearnConfig.steps, echo: Callable[[st
     from .guidance import guidance_sets
     from .profile import learn_profiles
     from .query import query, select, write_table
+    from .report import report
     from .score import ScoreConfig, score_shards
     from .bank import resolve_bank
 
     out = Path(out)
     paths = {"ratings": out / "ratings" / "ratings.csv", "shards": out / "shards", "profile": out / "alice.profile",
              "scores": out / "scores.parquet", "subset": out / "alice-top20.parquet",
-             "four_stars": out / "alice-4-stars.parquet", "guidance": out / "guidance"}
+             "four_stars": out / "alice-4-stars.parquet", "guidance": out / "guidance", "report": out / "alice.html"}
     made = [p for k, p in paths.items() if k != "ratings" and p.exists()]
     if made and not overwrite:  # refuse before replacing anything
         raise LaionfilterError(f"{out}: holds a previous demo's outputs ({', '.join(p.name for p in made)}); "
@@ -124,4 +125,7 @@ def run_demo(out: str | Path, steps: int = LearnConfig.steps, echo: Callable[[st
                                "GROUP BY subject ORDER BY avg(alice) DESC")
     echo("7. DuckDB: alice's mean stars per subject\n" + "\n".join(
         f"   {r['subject']:<10} {r['images']:>4} images  {r['stars']:.1f} stars" for r in t.to_pylist()))
+    r = report(paths["scores"], "alice", paths["report"])
+    echo(f"8. a page of what alice's profile selects ({r['thumbnails']} thumbnails; open it in a browser): "
+         f"{paths['report']}")
     return paths

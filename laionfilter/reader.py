@@ -119,7 +119,7 @@ class ImageChunk:
     files: tuple[str, ...]  # paths relative to root, "/"-separated
 
     def __str__(self) -> str:
-        return f"{self.root} ({self.name}: {self.files[0]} .. {self.files[-1]})"
+        return f"{self.root} ({self.name}" + (f": {self.files[0]} .. {self.files[-1]})" if self.files else ")")
 
 
 Source = str | ImageChunk  # a shard's URL or path, or a chunk of image files

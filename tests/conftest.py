@@ -143,3 +143,22 @@ def fetched(tmp_path_factory):
     r = CliRunner().invoke(cli, ["fetch", str(root / "subset.parquet"), "--out", str(root / "dl"), "--image-size", "96",
                                  "--threads", "2"])
     return rows, root / "dl", r
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Selenium (Debian's chromium and chromium-driver)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them where apt-get can)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+    yield driver
+    driver.quit()

@@ -57,22 +57,6 @@ class Running:
         self.server.server_close()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them where apt-get can)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
-    yield driver
-    driver.quit()
-
-
 def press(driver, key, before):
     """Send a key to the page and wait until it shows the next item (or the same, after an error)."""
     from selenium.webdriver.common.action_chains import ActionChains
