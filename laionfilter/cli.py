@@ -19,8 +19,32 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
+# The commands in the order a user meets them, each with its one-line summary for `laionfilter --help`.
+WORKFLOW = {
+    "demo": "Run the whole path on the shipped starter bank and example images.",
+    "rate": "Rate images in the browser (stars or pairs) into a ratings file.",
+    "suggest": "List the images whose ratings would tell the most, to rate next.",
+    "learn": "Learn a personal profile from a ratings file.",
+    "inspect": "Show what a profile learned: coefficients, fit, calibration.",
+    "score": "Score shards or a folder of images with one or more profiles.",
+    "report": "Write an HTML page of what a profile selects, thumbnails embedded.",
+    "select": "Pick a user's subset of the scores, ready for img2dataset.",
+    "query": "Run DuckDB SQL over the scores.",
+    "guidance": "Write diffusion guidance sets: exemplars, negatives, pairs.",
+    "reshard": "Copy a subset's samples from local shards into new shards.",
+    "fetch": "Download a subset's images with img2dataset.",
+    "bank": "Build, import and inspect task-vector banks.",
+    "finetune": "Fine-tune one score model on one database (phase 1, a GPU job).",
+    "evaluate": "Measure personalisation on users' ratings, as the paper does.",
+}
+
+
 class _Group(click.Group):
     """Turns the library's LaionfilterError into Click's one-line ``Error: ...`` and exit status 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        order = list(WORKFLOW)
+        return sorted(self.commands, key=lambda n: order.index(n) if n in order else len(order))
 
     def invoke(self, ctx: click.Context):
         try:
@@ -480,7 +504,8 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_fr
               help="A profile file, or a folder of them; repeat for several users in one pass. The score column "
                    "is NAME, else the file's name (alice.profile → alice).")
 @bank_option(None)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Scores folder (Parquet dataset).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="The scores folder: one Parquet part per shard, its stats, and the run's manifest.")
 @click.option("--batch-size", type=int, default=256)
 @click.option("--workers", type=int, help="DataLoader worker processes reading and decoding (and, on the CPU, "
               "scoring); default: one per core.")
@@ -506,10 +531,13 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_fr
 @json_option
 def score(shards, profiles, bank_path, out, batch_size, workers, device, compile_, precision, decode, overwrite, rank,
           world_size, distributor, ray_address, max_pixels, allow_pipe, strict, as_json):
-    """Score WebDataset shards with one or more profiles into a resumable Parquet folder.
+    """Score WebDataset shards, or one's own images, with one or more profiles into a resumable folder of
+    Parquet parts (OUT is a folder: read it with DuckDB as read_parquet('OUT/*.parquet')).
 
     SHARDS is a folder of .tar files, a glob, a brace pattern (shards/{00000..00099}.tar), a text
-    file listing shards, or pipe: URLs. A rerun skips shards already done.
+    file listing shards, or pipe: URLs (with --allow-pipe); or a folder of images (searched
+    recursively), a glob of images or a text file listing them, each keyed by its path relative to
+    the folder. A rerun skips what is done.
 
     \b
     Example:
@@ -737,7 +765,7 @@ def guidance(scores, profiles, out, top, bottom, pairs, margin, group_by, seed):
 @click.option("--steps", type=int, default=RECIPE.steps, show_default=True, help="Learning steps.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous demo's outputs in OUT.")
 def demo(out, steps, overwrite):
-    """Run learn → score → select → guidance → DuckDB on the starter bank and bundled examples.
+    """Run learn → score → select → guidance → DuckDB → report on the starter bank and bundled examples.
 
     \b
     Example:
@@ -751,6 +779,10 @@ def demo(out, steps, overwrite):
 
 _STARTED: list[float] = []  # when main() began, for score's timing
 _FAST_EXIT: list[bool] = []  # set by a command whose work is all on disk and flushed when it returns
+
+
+for _name, _summary in WORKFLOW.items():
+    cli.commands[_name].short_help = _summary
 
 
 def main() -> None:

@@ -26,3 +26,15 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     r = CliRunner().invoke(cli, ["finetune", str(tmp_path / "none.csv"), "--base", "lf-tiny-vit", "--out", str(tmp_path / "o.safetensors")])
     assert r.exit_code == 1
     assert r.output.strip().startswith("Error:") and "no such" in r.output and "Traceback" not in r.output
+
+
+def test_the_command_list_is_in_workflow_order_with_whole_summaries():
+    from laionfilter.cli import WORKFLOW
+
+    r = CliRunner().invoke(cli, ["--help"])
+    listed = [line.split()[0] for line in r.output.split("Commands:")[1].splitlines()
+              if line.startswith("  ") and not line.startswith("    ")]
+    assert listed == list(WORKFLOW) == [n for n in ("demo", "rate", "suggest", "learn", "inspect", "score", "report",
+                                                    "select", "query", "guidance", "reshard", "fetch", "bank",
+                                                    "finetune", "evaluate")]
+    assert "..." not in r.output.split("Commands:")[1]  # no summary cut short
