@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -81,6 +82,42 @@ jobs_option = click.option(
          "fits, evaluate's splits [default: one per core for small models such as the starter bank's, whose "
          "fits run on one thread anyway; else 1, and 1 on a GPU]. Env: LAIONFILTER_JOBS.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+def renamed(old: str, new: str, dest: str, **kw):
+    """The old spelling of an option, hidden, kept working for a release with a note on stderr."""
+
+    def decorate(f):
+        hidden = f"_old_{dest}"
+        f = click.option(old, hidden, hidden=True, **kw)(f)
+
+        @functools.wraps(f)
+        def call(*args, **kwargs):
+            value = kwargs.pop(hidden)
+            if value not in (None, ()):
+                click.echo(f"Note: {old} is now {new}; {old} will go in a later release.", err=True)
+                kwargs[dest] = value
+            return f(*args, **kwargs)
+
+        return call
+
+    return decorate
+
+
+def column_option(multiple: bool = False, what: str = "The score column to use: a profile's name, as score named it."):
+    """--column NAME (--profile NAME before): the score column, where --profile elsewhere is a file."""
+
+    def decorate(f):
+        f = renamed("--profile", "--column", "column", multiple=multiple)(f)
+        return click.option("--column", "column", multiple=multiple, metavar="NAME", help=what)(f)
+
+    return decorate
+
+
+def _required(value, option: str):
+    if value in (None, ()):
+        raise click.UsageError(f"Missing option {option}.")
+    return value
 allow_pipe_option = click.option(
     "--allow-pipe", is_flag=True,
     help="Let pipe: shard URLs run their shell commands (typed, in a list file or from a brace pattern); "
@@ -139,7 +176,8 @@ def bank() -> None:
 @click.option("--base", help="θ_pre, if not the one recorded in the tasks (e.g. the same weights at another path).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16",
               help="Storage dtype of the task vectors (θ_pre stays float32).")
-def bank_build(tasks, out, base, dtype):
+@json_option
+def bank_build(tasks, out, base, dtype, as_json):
     """Pack task checkpoints fine-tuned from one base into a bank.
 
     \b
@@ -149,7 +187,14 @@ def bank_build(tasks, out, base, dtype):
     from .bank import build_bank
 
     b = build_bank(list(tasks), out, base=base, dtype=dtype)
+    if as_json:
+        return _echo_json(_bank_summary(b))
     click.echo(f"{out}: {b.n} tasks × {len(b.layers)} layers, fingerprint {b.fingerprint[:16]}")
+
+
+def _bank_summary(b) -> dict:
+    return {"bank": str(b.path), "tasks": [t["name"] for t in b.tasks], "layers": len(b.layers),
+            "fingerprint": b.fingerprint, "mib": round((b.path / "weights.safetensors").stat().st_size / 2**20, 1)}
 
 
 @bank.command("import")
@@ -162,7 +207,8 @@ def bank_build(tasks, out, base, dtype):
               help="Storage dtype of the task vectors (θ_pre stays float32).")
 @click.option("--names", help="Comma-separated task names, one per checkpoint (default: from the file names, "
                               "clip_L_3fc_ava.pth → ava).")
-def bank_import(checkpoints, base, out, dtype, names):
+@json_option
+def bank_import(checkpoints, base, out, dtype, names, as_json):
     """Import the paper authors' released task models (clip_{B,L}_3fc_*.pth) into a bank.
 
     The files are read with PyTorch's restricted loader (weights_only=True) only, and each must have
@@ -175,6 +221,8 @@ def bank_import(checkpoints, base, out, dtype, names):
     from .authors import import_bank
 
     b = import_bank(list(checkpoints), base, out, dtype=dtype, names=names.split(",") if names else None)
+    if as_json:
+        return _echo_json(_bank_summary(b))
     size = (b.path / "weights.safetensors").stat().st_size / 2**20
     click.echo(f"{out}: {b.n} tasks ({', '.join(t['name'] for t in b.tasks)}) × {len(b.layers)} layers, "
                f"{size:.0f} MiB, fingerprint {b.fingerprint[:16]}; use it with --bank {out}")
@@ -251,7 +299,8 @@ def bank_info_cmd(bank_path, as_json, plot):
 @click.option("--by", type=click.Choice(["tasks", "fit"]), default="tasks",
               help="tasks: where the task models disagree; fit: where fits of --ratings (4 scores or more) disagree "
                    "(5 fits more, and no better at 10 shots: see the README).")
-@click.option("--n", "count", type=int, default=10, help="How many images to suggest.")
+@click.option("--count", "count", type=int, default=10, help="How many images to suggest.")
+@renamed("--n", "--count", "count", type=int)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write them as a CSV (image, empty score) to fill in.")
 @click.option("--steps", type=int, default=RECIPE.steps, show_default=True, help="--by fit: learning steps of each fit.")
 @device_option()
@@ -263,7 +312,7 @@ def suggest(source, bank_path, ratings, by, count, out, steps, device, jobs, all
 
     \b
     Example:
-      laionfilter suggest photos/ --bank starter --n 10 --out next.csv
+      laionfilter suggest photos/ --bank starter --count 10 --out next.csv
     """
     from pathlib import Path
 
@@ -287,7 +336,8 @@ def suggest(source, bank_path, ratings, by, count, out, steps, device, jobs, all
 @click.option("--mode", type=click.Choice(["stars", "pairs"]), default="stars",
               help="stars: one image, 1..scale; pairs: which of two is better (or a tie).")
 @click.option("--scale", type=click.Choice(["1-5", "1-10"]), default="1-10", help="Stars mode: the rating scale.")
-@click.option("--target", type=int, default=20, help="How many answers the progress bar counts towards.")
+@click.option("--count", "target", type=int, default=20, help="How many answers the progress bar counts towards.")
+@renamed("--target", "--count", "target", type=int)
 @click.option("--user", help="Write a user column with this name (for a file several people rate).")
 @click.option("--from", "from_scores", type=click.Path(exists=True),
               help="A scores folder: show images spread over its score range (its first profile), not only the top.")
@@ -307,7 +357,7 @@ def rate(source, out, mode, scale, target, user, from_scores, host, port, open_b
     \b
     Example:
       laionfilter rate photos/ --out my-ratings.csv --open
-      laionfilter rate shards/ --out pairs.csv --mode pairs --from scores.parquet
+      laionfilter rate shards/ --out pairs.csv --mode pairs --from scores/
     """
     from .rate import run
 
@@ -328,12 +378,25 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
 
 
-@cli.command()
+@cli.command(epilog="Options from --init on set the recipe, the paper's and beyond it: docs/concepts.md.")
 @click.argument("ratings", type=click.Path(exists=True, dir_okay=False))
 @bank_option()
 @click.option("--out", required=True, type=click.Path(),
               help="Profile file, or a folder (one profile per user) when the ratings have a user column.")
 @click.option("--shards", help="WebDataset shards in which the ratings' image column names sample keys.")
+@click.option("--tune", default=RECIPE.tune, show_default=True,
+              help="Layers whose coefficients are learned: all (the paper), top-N (the last N blocks and the head) "
+                   "or head; the others are fixed to 1/n, shared by every user, so scoring runs them once for all "
+                   "such profiles.")
+@click.option("--calibration", type=click.Choice([*CALIBRATIONS, "none"]), default=RECIPE.calibration, show_default=True,
+              help="Map from score to the user's own rating scale (score writes it as <profile>_rating), fitted on "
+                   "out-of-fold predictions: costs --folds extra fits.")
+@seed_option()
+@device_option()
+@threads_option
+@jobs_option
+@allow_pipe_option
+@json_option
 @click.option("--init", type=click.Choice(INITS), default=RECIPE.init, show_default=True,
               help="Coefficient initialisation: softmax(SROCC/T) over the tasks (adaptive, the paper's), uniform "
                    "(T→∞), best task (T→0), or mixes: softmax(SROCC/T) over candidate merges (each task, each "
@@ -347,10 +410,6 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--loss", type=click.Choice(LOSSES), default=RECIPE.loss, show_default=True,
               help="Bradley–Terry rank loss or MSE.")
 @click.option("--layer-agnostic", is_flag=True, help="One coefficient per task instead of per task and layer.")
-@click.option("--tune", default=RECIPE.tune, show_default=True,
-              help="Layers whose coefficients are learned: all (the paper), top-N (the last N blocks and the head) "
-                   "or head; the others are fixed to 1/n, shared by every user, so scoring runs them once for all "
-                   "such profiles.")
 @click.option("--steps", type=int, default=RECIPE.steps, show_default=True)
 @click.option("--lr", type=float, default=RECIPE.lr, show_default=True, help="Start of the cosine schedule (ends at lr/10).")
 @click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True)
@@ -359,9 +418,6 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
                    f"near their start (by default weight {RECIPE.anchor_weight(10):.2g} at 10 ratings, "
                    f"{RECIPE.anchor_weight(100):.1g} at 100); 0 (with --init adaptive) is the paper's "
                    "recipe.")
-@click.option("--calibration", type=click.Choice([*CALIBRATIONS, "none"]), default=RECIPE.calibration, show_default=True,
-              help="Map from score to the user's own rating scale (score writes it as <profile>_rating), fitted on "
-                   "out-of-fold predictions: costs --folds extra fits.")
 @click.option("--folds", type=int, default=RECIPE.folds, show_default=True, help="Folds of the out-of-fold predictions.")
 @click.option("--steps-from", help="Candidate step counts, e.g. 0,100,500: the support set's out-of-fold SROCC "
                                    "chooses one (the final fit stops there).")
@@ -369,13 +425,8 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
               help="Beyond the paper: where every step sees the whole support set (no more ratings than "
                    f"--batch-size), stop once the loss has not fallen by this much for {RECIPE.patience} steps and keep "
                    "the coefficients of the lowest loss; 0 trains every step (the paper).")
-@seed_option()
-@device_option()
-@threads_option
-@jobs_option
-@allow_pipe_option
-def learn(ratings, bank_path, out, shards, init, temperature, mix_scale, loss, layer_agnostic, tune, steps, lr, batch_size,
-          anchor, calibration, folds, steps_from, tol, seed, device, threads, jobs, allow_pipe):
+def learn(ratings, bank_path, out, shards, tune, calibration, seed, device, threads, jobs, allow_pipe, as_json, init,
+          temperature, mix_scale, loss, layer_agnostic, steps, lr, batch_size, anchor, folds, steps_from, tol):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -390,8 +441,15 @@ def learn(ratings, bank_path, out, shards, init, temperature, mix_scale, loss, l
                       batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration, folds=folds,
                       steps_from=_int_list(steps_from, "--steps-from"), tol=tol,
                       anchor=anchor, mix_scale=mix_scale, **kw)
-    for profile in learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads,
-                                  jobs=jobs, allow_pipe=allow_pipe):
+    profiles = learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads, jobs=jobs,
+                              allow_pipe=allow_pipe)
+    if as_json:
+        return _echo_json([{"profile": str(p.path), "images": p.meta["ratings"]["images"],
+                            "support_srocc_before": p.meta["support_srocc_before"],
+                            "support_srocc_after": p.meta["support_srocc_after"],
+                            "calibration": p.meta.get("calibration"), "seconds": p.meta["learn_seconds"]}
+                           for p in profiles])
+    for profile in profiles:
         m = profile.meta
         oof = m.get("out_of_fold")
         click.echo(f"{profile.path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "
@@ -541,7 +599,7 @@ def score(shards, profiles, bank_path, out, batch_size, workers, device, compile
 
     \b
     Example:
-      laionfilter score shards/ --profile alice.profile --profile bob.profile --out scores.parquet
+      laionfilter score shards/ --profile alice.profile --profile bob.profile --out scores/
     """
     from .score import ScoreConfig, score_shards
 
@@ -601,7 +659,7 @@ def _with(options):
 
 @cli.command()
 @click.argument("scores", type=click.Path())
-@click.option("--profile", required=True, help="Profile (score column) to select by.")
+@column_option(what="The score column to select by: a profile's name, as score named it.")
 @click.option("--top", type=int, help="Keep the N best images.")
 @click.option("--min-score", type=float, help="Keep images scoring at least this.")
 @click.option("--min-rating", type=float, help="Keep images the user would rate at least this, on their own scale "
@@ -611,21 +669,25 @@ def _with(options):
 @_with(_join_options)
 @click.option("--all-statuses", is_flag=True, help="Keep rows whose status is not 'ok' too.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Subset file (.parquet or .csv).")
-def select(scores, profile, top, min_score, min_rating, percentile, where, join, on, all_statuses, out):
+@json_option
+def select(scores, column, top, min_score, min_rating, percentile, where, join, on, all_statuses, out, as_json):
     """Select a user's subset of the scored images (url, caption, key, shard, score, rating where the
     profile is calibrated, joined columns).
 
     \b
     Example:
-      laionfilter select scores.parquet --profile alice --top 100000 --join laion.parquet --on url \\
+      laionfilter select scores/ --column alice --top 100000 --join laion.parquet --on url \\
           --where "punsafe < 0.1 AND WIDTH >= 512" --out subset.parquet
     """
     from .query import select as run, write_table
 
-    t = run(scores, profile, top=top, min_score=min_score, percentile=percentile, where=where, join=join, on=on,
+    column = _required(column, "--column")
+    t = run(scores, column, top=top, min_score=min_score, percentile=percentile, where=where, join=join, on=on,
             all_statuses=all_statuses, min_rating=min_rating)
     write_table(t, out)
-    click.echo(f"{out}: {t.num_rows} images selected for {profile!r}")
+    if as_json:
+        return _echo_json({"out": str(out), "images": t.num_rows, "column": column})
+    click.echo(f"{out}: {t.num_rows} images selected for {column!r}")
 
 
 @cli.command()
@@ -643,7 +705,7 @@ def query(scores, sql, join, out, unsafe):
 
     \b
     Example:
-      laionfilter query scores.parquet "SELECT status, count(*) FROM scores GROUP BY status"
+      laionfilter query scores/ "SELECT status, count(*) FROM scores GROUP BY status"
     """
     from .query import query as run, write_table
 
@@ -659,9 +721,11 @@ def query(scores, sql, join, out, unsafe):
 @click.argument("subset", type=click.Path(exists=True, dir_okay=False))
 @click.option("--shards", required=True, help="The shards the subset was scored from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the new shards.")
-@click.option("--maxcount", type=int, default=10000, help="Samples per output shard.")
+@click.option("--per-shard", "maxcount", type=int, default=10000, help="Samples per output shard.")
+@renamed("--maxcount", "--per-shard", "maxcount", type=int)
 @allow_pipe_option
-def reshard(subset, shards, out, maxcount, allow_pipe):
+@json_option
+def reshard(subset, shards, out, maxcount, allow_pipe, as_json):
     """Copy a subset's samples (image, json, txt: bytes untouched) from local shards into new shards.
 
     \b
@@ -671,7 +735,10 @@ def reshard(subset, shards, out, maxcount, allow_pipe):
     from .export import reshard as run
 
     r = run(subset, shards, out, maxcount=maxcount, allow_pipe=allow_pipe)
-    click.echo(f"{out}: {r['copied']} samples copied, {r['missing']} not found in the shards")
+    if as_json:
+        _echo_json(r)
+    else:
+        click.echo(f"{out}: {r['copied']} samples copied, {r['missing']} not found in the shards")
     if r["missing"]:
         raise SystemExit(1)
 
@@ -681,7 +748,8 @@ def reshard(subset, shards, out, maxcount, allow_pipe):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for img2dataset's shards.")
 @click.option("--image-size", type=int, default=256)
 @click.option("--processes", type=int, default=1)
-@click.option("--threads", type=int, default=16)
+@click.option("--download-threads", "threads", type=int, default=16, help="img2dataset's download threads per process.")
+@renamed("--threads", "--download-threads", "threads", type=int)
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Any other img2dataset.download option, e.g. -o resize_mode=keep_ratio -o encode_quality=90.")
 def fetch(subset, out, image_size, processes, threads, options):
@@ -710,24 +778,24 @@ def fetch(subset, out, image_size, processes, threads, options):
 
 @cli.command()
 @click.argument("scores", type=click.Path(exists=True))
-@click.option("--profile", required=True, help="The score column to show (a profile's name).")
+@column_option(what="The score column to show: a profile's name, as score named it.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML page to write.")
 @click.option("--top", type=int, default=12, help="Images in the top and in the bottom strip.")
 @click.option("--shards", help="Where the images are, if the shards moved since scoring (default: where they "
                                "were scored from).")
 @allow_pipe_option
 @json_option
-def report(scores, profile, out, top, shards, allow_pipe, as_json):
+def report(scores, column, out, top, shards, allow_pipe, as_json):
     """Write one self-contained HTML page of what a profile selects: its top and bottom images and a
     strip per tenth of its scores, each with the rating the user would give (thumbnails embedded).
 
     \b
     Example:
-      laionfilter report scores.parquet --profile alice --out alice.html
+      laionfilter report scores/ --column alice --out alice.html
     """
     from .report import report as run
 
-    r = run(scores, profile, out, top=top, shards=shards, allow_pipe=allow_pipe)
+    r = run(scores, _required(column, "--column"), out, top=top, shards=shards, allow_pipe=allow_pipe)
     if as_json:
         _echo_json(r)
     else:
@@ -737,25 +805,28 @@ def report(scores, profile, out, top, shards, allow_pipe, as_json):
 
 @cli.command()
 @click.argument("scores", type=click.Path())
-@click.option("--profile", "profiles", multiple=True, help="Profile(s) to build sets for (default: every profile).")
+@column_option(multiple=True, what="The score column(s) to build sets for: profiles' names (default: every one).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder; one subfolder per profile.")
 @click.option("--top", type=int, default=1000, help="Exemplars: the K best images.")
 @click.option("--bottom", type=int, default=1000, help="Negatives: the K worst images.")
 @click.option("--pairs", type=int, default=10000, help="Preference pairs to draw.")
 @click.option("--margin", type=float, default=1.0, help="Least score difference within a pair.")
 @click.option("--group-by", help="Pair only images sharing this column (e.g. caption).")
-@seed_option()
-def guidance(scores, profiles, out, top, bottom, pairs, margin, group_by, seed):
+@click.option("--seed", type=int, default=0, help="Random seed of the pairs' shuffle.")
+@json_option
+def guidance(scores, column, out, top, bottom, pairs, margin, group_by, seed, as_json):
     """Write diffusion guidance sets: top-K exemplars, bottom-K negatives and preference pairs.
 
     \b
     Example:
-      laionfilter guidance scores.parquet --profile alice --out guidance/ --pairs 50000 --margin 1.5
+      laionfilter guidance scores/ --column alice --out guidance/ --pairs 50000 --margin 1.5
     """
     from .guidance import guidance_sets
 
-    report = guidance_sets(scores, out, list(profiles) or None, top=top, bottom=bottom, pairs=pairs, margin=margin,
+    report = guidance_sets(scores, out, list(column) or None, top=top, bottom=bottom, pairs=pairs, margin=margin,
                            group_by=group_by, seed=seed)
+    if as_json:
+        return _echo_json(report)
     for name, r in report.items():
         click.echo(f"{r['folder']}: {r['exemplars']} exemplars, {r['negatives']} negatives, {r['pairs']} pairs")
 

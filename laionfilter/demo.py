@@ -89,7 +89,7 @@ def run_demo(out: str | Path, steps: int = LearnConfig.steps, echo: Callable[[st
 
     out = Path(out)
     paths = {"ratings": out / "ratings" / "ratings.csv", "shards": out / "shards", "profile": out / "alice.profile",
-             "scores": out / "scores.parquet", "subset": out / "alice-top20.parquet",
+             "scores": out / "scores", "subset": out / "alice-top20.parquet",
              "four_stars": out / "alice-4-stars.parquet", "guidance": out / "guidance", "report": out / "alice.html"}
     made = [p for k, p in paths.items() if k != "ratings" and p.exists()]
     if made and not overwrite:  # refuse before replacing anything

@@ -19,8 +19,12 @@ def progress_bar(*args, **kwargs) -> tqdm:
     kwargs.setdefault("file", sys.stderr)
     # tqdm's own reading of the environment: the prefix TQDM_ as written, the option's name in any case
     user_set = any(k.startswith("TQDM_") and k[5:].lower() == "mininterval" for k in os.environ)
-    if not _WIDGET and not user_set and not _is_terminal(kwargs["file"]):
-        kwargs.setdefault("mininterval", LOG_REFRESH_S)
+    if not _WIDGET and not _is_terminal(kwargs["file"]):
+        if not user_set:
+            kwargs.setdefault("mininterval", LOG_REFRESH_S)
+        # A bar that cleared itself would leave its last redraw without a line end, and the next result
+        # line (stdout, in the same log) would run on from it: in a log, every bar ends its own line.
+        kwargs["leave"] = True
     return tqdm(*args, **kwargs)
 
 

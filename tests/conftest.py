@@ -141,7 +141,7 @@ def fetched(tmp_path_factory):
         rows.append({"url": f"file://{p}", "caption": f"cap {i}", "key": str(i), "shard": "x", "score": 1.0})
     pq.write_table(pa.Table.from_pylist(rows), root / "subset.parquet")
     r = CliRunner().invoke(cli, ["fetch", str(root / "subset.parquet"), "--out", str(root / "dl"), "--image-size", "96",
-                                 "--threads", "2"])
+                                 "--download-threads", "2"])
     return rows, root / "dl", r
 
 

@@ -191,14 +191,14 @@ def test_score_writes_the_rating_beside_the_score_and_select_keeps_min_rating(pr
     assert np.all(np.diff(rating[order]) >= 0)
     assert rating.min() >= alice.calibration.low and rating.max() <= alice.calibration.high
     cut = float(np.median(rating))
-    r = run("select", out, "--profile", "alice", "--min-rating", cut, "--out", tmp_path / "s.parquet")
+    r = run("select", out, "--column", "alice", "--min-rating", cut, "--out", tmp_path / "s.parquet")
     assert r.exit_code == 0, r.output
     got = pq.read_table(tmp_path / "s.parquet").to_pylist()
     keep = sorted(k for k, v in zip(t["key"].to_pylist(), rating) if np.float32(v) >= np.float32(cut))
     assert sorted(g["key"] for g in got) == keep and all(g["rating"] >= cut for g in got)
     # a threshold past every rating selects nothing, and says how high the ratings go
     ok = np.array(t["status"].to_pylist()) == "ok"
-    r = run("select", out, "--profile", "alice", "--min-rating", alice.calibration.high + 1, "--out", tmp_path / "none.csv")
+    r = run("select", out, "--column", "alice", "--min-rating", alice.calibration.high + 1, "--out", tmp_path / "none.csv")
     assert r.exit_code == 0 and "0 images selected" in r.output, r.output
     assert f"the highest score is {score[ok].max():.4g}, the highest rating is {rating[ok].max():.4g}" in r.output
 
@@ -212,7 +212,7 @@ def test_min_rating_without_a_calibrated_profile_and_rating_column_collisions(pr
     score_shards(str(shards), [str(plain.path)], out, bank=small_bank, cfg=ScoreConfig(workers=0, device="cpu"),
                  progress=False)
     assert "plain_rating" not in pq.read_schema(next(out.glob("*.parquet"))).names
-    r = run("select", out, "--profile", "plain", "--min-rating", 3, "--out", tmp_path / "s.parquet")
+    r = run("select", out, "--column", "plain", "--min-rating", 3, "--out", tmp_path / "s.parquet")
     assert r.exit_code == 1 and "--min-rating needs the column 'plain_rating'" in r.output
     for first, second in ((profiles[0], plain.path), (plain.path, profiles[0])):  # calibrated or not
         with pytest.raises(LaionfilterError, match="score columns"):

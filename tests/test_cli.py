@@ -38,3 +38,14 @@ def test_the_command_list_is_in_workflow_order_with_whole_summaries():
                                                     "select", "query", "guidance", "reshard", "fetch", "bank",
                                                     "finetune", "evaluate")]
     assert "..." not in r.output.split("Commands:")[1]  # no summary cut short
+
+
+def test_every_command_that_reports_takes_json():
+    reporting = ["learn", "inspect", "score", "report", "select", "guidance", "reshard", "evaluate",
+                 ("bank", "info"), ("bank", "build"), ("bank", "import")]
+    for name in reporting:
+        path = name if isinstance(name, tuple) else (name,)
+        cmd = cli
+        for part in path:
+            cmd = cmd.commands[part]
+        assert "--json" in {o for p in cmd.params for o in p.opts}, path

@@ -51,7 +51,7 @@ def test_select_options_equal_hand_written_duckdb(scored, tmp_path, options, whe
     mid, midr = duck(scores, "SELECT median(alice), median(alice_rating) FROM scores")[0]
     options = [o.replace("MIDR", repr(midr)).replace("MID", repr(mid)) for o in options]
     where = where.replace("MIDR", repr(midr)).replace("MID", repr(mid))
-    r = run("select", scores, "--profile", "alice", *options, "--out", tmp_path / "s.parquet")
+    r = run("select", scores, "--column", "alice", *options, "--out", tmp_path / "s.parquet")
     assert r.exit_code == 0, r.output
     got = pq.read_table(tmp_path / "s.parquet").to_pylist()
     expect = duck(scores, f"SELECT key, alice, alice_rating FROM scores WHERE status = 'ok' AND alice IS NOT NULL AND {where}")
@@ -72,7 +72,7 @@ def test_all_statuses_keeps_scored_rows_of_any_status_for_the_filter_and_the_per
     pq.write_table(pa.Table.from_pylist(rows, schema=schema(["alice"])), folder / "part.parquet")
     keys = {}
     for extra in ([], ["--all-statuses"]):
-        r = run("select", folder, "--profile", "alice", "--percentile", "50", *extra, "--out", tmp_path / "s.parquet")
+        r = run("select", folder, "--column", "alice", "--percentile", "50", *extra, "--out", tmp_path / "s.parquet")
         assert r.exit_code == 0, r.output
         keys[bool(extra)] = [x["key"] for x in pq.read_table(tmp_path / "s.parquet").to_pylist()]
     assert keys[False] == ["004", "003", "002"]  # the median of the ok rows' scores is 2 (of all ten's, 7)
@@ -89,7 +89,7 @@ def test_select_joins_laion_metadata(scored, tmp_path):
         "punsafe": [0.05 if i % 3 else 0.5 for i in range(len(keys))], "pwatermark": [0.1] * len(keys),
         "AESTHETIC_SCORE": [5.0] * len(keys)})
     pq.write_table(meta, tmp_path / "laion.parquet")
-    r = run("select", scores, "--profile", "bob", "--join", tmp_path / "laion.parquet", "--on", "url",
+    r = run("select", scores, "--column", "bob", "--join", tmp_path / "laion.parquet", "--on", "url",
             "--where", "punsafe < 0.1 AND WIDTH >= 512", "--out", tmp_path / "s.parquet")
     assert r.exit_code == 0, r.output
     got = pq.read_table(tmp_path / "s.parquet").to_pylist()
@@ -111,9 +111,9 @@ def test_query_prints_and_writes(scored, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["select", "SCORES", "--profile", "alice", "--where", "alice >>> 3", "--out", "X"], "SQL error"),
-    (["select", "SCORES", "--profile", "carol", "--out", "X"], "no scores for profile 'carol'"),
-    (["select", "MISSING", "--profile", "alice", "--out", "X"], "no such scores folder"),
+    (["select", "SCORES", "--column", "alice", "--where", "alice >>> 3", "--out", "X"], "SQL error"),
+    (["select", "SCORES", "--column", "carol", "--out", "X"], "no scores for profile 'carol'"),
+    (["select", "MISSING", "--column", "alice", "--out", "X"], "no such scores folder"),
     (["query", "SCORES", "SELECT nope FROM scores"], "SQL error"),
 ])
 def test_errors_are_one_line(scored, tmp_path, args, message):
@@ -127,9 +127,9 @@ def test_errors_are_one_line(scored, tmp_path, args, message):
 
 def test_reshard_copies_the_same_bytes(scored, tmp_path):
     scores, shards = scored
-    r = run("select", scores, "--profile", "alice", "--top", "7", "--out", tmp_path / "s.parquet")
+    r = run("select", scores, "--column", "alice", "--top", "7", "--out", tmp_path / "s.parquet")
     assert r.exit_code == 0
-    r = run("reshard", tmp_path / "s.parquet", "--shards", shards, "--out", tmp_path / "new", "--maxcount", "4")
+    r = run("reshard", tmp_path / "s.parquet", "--shards", shards, "--out", tmp_path / "new", "--per-shard", "4")
     assert r.exit_code == 0, r.output
     assert "7 samples copied, 0 not found" in r.output
     originals = {}
@@ -175,7 +175,7 @@ def test_guidance_pairs_respect_margin_and_groups(scored, tmp_path):
             assert shard_of[p["key_0"]] == shard_of[p["key_1"]] == p["group"]
             assert p["key_0"] != p["key_1"]
     # A margin no pair can reach gives no pairs, and says so in the counts.
-    r = run("guidance", scores, "--profile", "alice", "--out", tmp_path / "h", "--margin", "100")
+    r = run("guidance", scores, "--column", "alice", "--out", tmp_path / "h", "--margin", "100")
     assert "0 pairs" in r.output
 
 
@@ -200,3 +200,24 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert f"the {liked} images she would give 4 stars or more" in text
     assert (paths["guidance"] / "alice" / "pairs.parquet").exists()
     assert json.loads((paths["scores"] / "_manifest.json").read_text())["profiles"][0]["name"] == "alice"
+
+
+def test_old_spellings_still_work_for_a_release_with_a_note(scored, tmp_path):
+    scores, _ = scored
+    new = run("select", scores, "--column", "alice", "--top", "3", "--out", tmp_path / "new.parquet")
+    old = CliRunner().invoke(cli, ["select", str(scores), "--profile", "alice", "--top", "3", "--out",
+                                   str(tmp_path / "old.parquet")])
+    assert new.exit_code == old.exit_code == 0
+    assert "Note: --profile is now --column" in old.stderr and "Note:" not in new.stderr
+    assert pq.read_table(tmp_path / "old.parquet").equals(pq.read_table(tmp_path / "new.parquet"))
+    r = run("select", scores, "--top", "3", "--out", tmp_path / "none.parquet")
+    assert r.exit_code == 2 and "Missing option --column" in r.output
+
+
+def test_select_and_guidance_report_as_json(scored, tmp_path):
+    scores, _ = scored
+    r = run("select", scores, "--column", "alice", "--top", "5", "--out", tmp_path / "s.csv", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"out": str(tmp_path / "s.csv"), "images": 5, "column": "alice"}
+    r = run("guidance", scores, "--column", "bob", "--out", tmp_path / "g", "--top", "4", "--bottom", "4", "--json")
+    got = json.loads(r.stdout)
+    assert r.exit_code == 0 and list(got) == ["bob"] and got["bob"]["exemplars"] == 4

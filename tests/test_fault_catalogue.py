@@ -148,7 +148,7 @@ def test_bad_ratings_names_sql_and_pipes_are_one_line_errors(faulty, profiles, s
     run("score", src / "00003.tar", "--profile", profiles[0], "--bank", small_bank.path, "--out", out, "--workers", "0")
     r = run("query", out, "SELECT * FROM read_text('/etc/passwd')")
     assert r.exit_code == 1 and "Permission" in r.output and "root:" not in r.output
-    r = run("select", out, "--profile", "alice", "--where", "1=1) OR (1=1", "--out", tmp_path / "x.parquet")
+    r = run("select", out, "--column", "alice", "--where", "1=1) OR (1=1", "--out", tmp_path / "x.parquet")
     assert r.exit_code == 1 and not (tmp_path / "x.parquet").exists()
 
     lst = tmp_path / "list.txt"

@@ -198,13 +198,13 @@ def scored(profiles, small_bank, tmp_path_factory):
 def test_where_cannot_close_its_parentheses_or_read_files(scored, tmp_path):
     out, secret = scored
     escape = f"1=0) UNION ALL SELECT line, NULL, NULL, NULL, 1.0 FROM read_csv('{secret}') WHERE (1=1"
-    r = run("select", out, "--profile", "alice", "--where", escape, "--out", tmp_path / "subset.csv")
+    r = run("select", out, "--column", "alice", "--where", escape, "--out", tmp_path / "subset.csv")
     assert "not one SQL expression" in one_line_error(r)
     sub = f"key IN (SELECT line FROM read_csv('{secret}'))"
-    r = run("select", out, "--profile", "alice", "--where", sub, "--out", tmp_path / "subset.csv")
+    r = run("select", out, "--column", "alice", "--where", sub, "--out", tmp_path / "subset.csv")
     assert "Permission" in one_line_error(r)
     assert not (tmp_path / "subset.csv").exists()
-    ok = run("select", out, "--profile", "alice", "--where", "width > 0 AND caption LIKE 'photo%'", "--out",
+    ok = run("select", out, "--column", "alice", "--where", "width > 0 AND caption LIKE 'photo%'", "--out",
              tmp_path / "subset.csv")
     assert ok.exit_code == 0 and "6 images" in ok.output
 
@@ -315,10 +315,10 @@ def test_files_of_the_wrong_kind_are_one_line_naming_them(scored, tmp_path, shar
     out, _ = scored
     meta = tmp_path / "meta.parquet"
     meta.write_text("not parquet at all")
-    assert str(meta) in one_line_error(run("select", out, "--profile", "alice", "--join", meta, "--out", tmp_path / "x.parquet"))
+    assert str(meta) in one_line_error(run("select", out, "--column", "alice", "--join", meta, "--out", tmp_path / "x.parquet"))
     csv_meta = tmp_path / "meta.csv"
     csv_meta.write_text("key,punsafe\n000000000,0.5\n")
-    r = run("select", out, "--profile", "alice", "--join", csv_meta, "--where", "punsafe < 1", "--out", tmp_path / "j.parquet")
+    r = run("select", out, "--column", "alice", "--join", csv_meta, "--where", "punsafe < 1", "--out", tmp_path / "j.parquet")
     assert r.exit_code == 0 and "1 images" in r.output, r.output
     tar = shards / "00000.tar"
     assert str(tar) in one_line_error(run("query", tar, "SELECT 1"))
@@ -345,7 +345,7 @@ def test_fetch_exits_non_zero_when_nothing_was_fetched(tmp_path):
     subset = tmp_path / "subset.parquet"
     pq.write_table(pa.table({"url": [f"file://{tmp_path}/missing-{i}.jpg" for i in range(3)],
                              "caption": ["a", "b", "c"]}), subset)
-    r = run("fetch", subset, "--out", tmp_path / "dl", "--threads", "2")
+    r = run("fetch", subset, "--out", tmp_path / "dl", "--download-threads", "2")
     assert r.exit_code == 1 and "0 of 3" in r.output and "nothing was downloaded" in r.output
 
 
@@ -479,6 +479,26 @@ def test_a_progress_bar_redraws_rarely_in_a_log_file_and_as_usual_on_a_terminal(
         assert interval(log) != LOG_REFRESH_S
     monkeypatch.delenv("TQDM_MININTERVAL")
     assert interval(Terminal()) < 1
+
+
+def test_in_a_log_a_progress_bar_never_shares_a_line_with_a_result(tmp_path):
+    import io
+
+    from laionfilter.log import progress_bar
+
+    with open(tmp_path / "job.log", "w") as log:  # 2>&1 into one file, as a batch job's log is
+        bar = progress_bar(total=2, file=log, leave=False, desc="fit")
+        bar.update(2)
+        bar.close()
+        log.write("profile written\n")
+    lines = (tmp_path / "job.log").read_text().split("\n")  # lines as a log viewer shows them
+    assert lines[-2] == "profile written" and "fit" in lines[-3]  # the bar's last state ends its own line
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_bar(total=1, file=Terminal(), leave=False).leave is False  # a terminal clears it as asked
 
 
 # Round two ------------------------------------------------------------------------------------------

@@ -39,16 +39,16 @@ def test_a_report_finds_moved_shards_with_shards_and_says_what_it_missed(shards,
     assert run(cli, ["score", str(shards), "--profile", str(profiles[0]), "--bank", str(small_bank.path),
                      "--out", str(out), "--workers", "0"]).exit_code == 0
     moved = shutil.copytree(shards, tmp_path / "moved")
-    r = run(cli, ["report", str(out), "--profile", "alice", "--out", str(tmp_path / "a.html"), "--top", "3"])
+    r = run(cli, ["report", str(out), "--column", "alice", "--out", str(tmp_path / "a.html"), "--top", "3"])
     assert r.exit_code == 0 and "not found" not in r.output, r.output
     stats = sorted(out.glob("*_stats.json"))
     text = stats[0].read_text().replace(str(shards), str(tmp_path / "gone"))
     stats[0].write_text(text)  # as if that shard had moved away
-    r = run(cli, ["report", str(out), "--profile", "alice", "--out", str(tmp_path / "b.html"), "--json"])
+    r = run(cli, ["report", str(out), "--column", "alice", "--out", str(tmp_path / "b.html"), "--json"])
     missed = json.loads(r.stdout)
     assert r.exit_code == 0 and missed["missing"] > 0
-    r = run(cli, ["report", str(out), "--profile", "alice", "--out", str(tmp_path / "c.html"), "--shards", str(moved),
+    r = run(cli, ["report", str(out), "--column", "alice", "--out", str(tmp_path / "c.html"), "--shards", str(moved),
                   "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["missing"] == 0
-    r = run(cli, ["report", str(out), "--profile", "nobody", "--out", str(tmp_path / "d.html")])
+    r = run(cli, ["report", str(out), "--column", "nobody", "--out", str(tmp_path / "d.html")])
     assert r.exit_code == 1 and "no scores for profile 'nobody'" in r.output
