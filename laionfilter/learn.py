@@ -192,7 +192,10 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     task_preds, mix_preds = start_predictions(merger, pixels, cfg, task_preds, mix_preds, progress)
     zs = [metric(p) for p in task_preds]
     mix_zs = None if mix_preds is None else [metric(p) for p in mix_preds]
-    scale = cfg.start_scale(len(pixels))
+    # The support's size is its answers: rated images, or answered pairs (not the images those pairs
+    # touch: evaluate hands over all of a user's images, and a K-pair split must weigh as K answers).
+    items = len(pixels) if pairs is None else len(pairs)
+    scale = cfg.start_scale(items)
     alpha0 = init_coefficients(zs, L, cfg.init, cfg.start_temperature, mix_zs, scale)
     tuned = tuned_layers(merger.layers, cfg.tune).to(device)
     alpha0[:, ~tuned.cpu()] = 1.0 / n  # the shared, user-independent value of the layers not tuned
@@ -214,7 +217,6 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
     else:
         pair_t = torch.as_tensor(pairs, device=device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    items = len(x_all) if pairs is None else len(pairs)
     batch = min(cfg.batch_size, items)
     exact = cfg.tol > 0 and batch == items  # each step's loss is the objective itself
     best, stale, stopped, best_alpha = math.inf, 0, None, None
@@ -243,7 +245,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         if loss is None:  # every image in this batch has the same score: no pair to learn from
             continue
         if cfg.anchor:
-            loss = loss + anchor_penalty(alpha, start, cfg.anchor, len(x_all), cfg.anchor_power)
+            loss = loss + anchor_penalty(alpha, start, cfg.anchor, items, cfg.anchor_power)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         losses.append(loss.item())
@@ -273,6 +275,7 @@ def fit(merger: Merger, pixels: torch.Tensor, scores: np.ndarray | None, cfg: Le
         "zero_shot_srocc": zs,
         **({"mix_srocc": mix_zs} if mix_zs is not None else {}),
         "start_scale": scale,
+        "anchor_weight": cfg.anchor_weight(items) if cfg.anchor else 0.0,
         "support_srocc_before": before,
         "support_srocc_after": after,
         "loss_curve": {**_curve(losses), **({"converged_at": stopped} if stopped is not None else {})},

@@ -416,3 +416,24 @@ def test_learn_into_a_folder_leaves_nothing_when_interrupted_and_refuses_a_file(
     with pytest.raises(LaionfilterError, match="taken.*is a file"):
         profile_mod.learn_profiles(ratings, small_bank, tmp_path / "taken", progress=False)
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_a_pairs_support_weighs_as_its_pairs_whatever_images_come_with_them(small_bank, ratings_csv):
+    """The anchor's weight and the start's scale count the answers: K pairs weigh as K, whether the fit
+    gets only the images they touch (learn) or all of a user's images (evaluate's K-pair splits)."""
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
+    top = np.argsort(-sup.scores)[:14]
+    pairs = np.array([(a, b) for i, a in enumerate(top) for b in top[i + 1:] if sup.scores[a] > sup.scores[b]][:30])
+    used = sorted(set(pairs.ravel().tolist()))
+    assert len(pairs) == 30 and len(used) < 20 < len(sup.pixels)  # more answers than images, fewer than all
+    remap = {old: new for new, old in enumerate(used)}
+    own = np.vectorize(remap.get)(pairs)
+    merger = Merger(small_bank, torch.device("cpu"))
+    cfg = LearnConfig(steps=20, batch_size=32, tol=0, seed=3)
+    alone = fit(merger, sup.pixels[used], None, cfg, pairs=own)  # learn: the pairs' own images
+    among = fit(merger, torch.cat([sup.pixels[used], sup.pixels[[i for i in range(len(sup.pixels)) if i not in used]]]),
+                None, cfg, pairs=own)  # evaluate: every image of the user
+    for r in (alone, among):
+        assert r["start_scale"] == cfg.start_scale(30) and r["anchor_weight"] == cfg.anchor_weight(30)
+    assert cfg.start_scale(30) != cfg.start_scale(len(used)) and cfg.anchor_weight(30) != cfg.anchor_weight(len(sup.pixels))
+    torch.testing.assert_close(alone["alpha"], among["alpha"])
