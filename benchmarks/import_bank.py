@@ -36,7 +36,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def make_files(work: Path, n: int) -> tuple[str, list[Path]]:
+def make_files(work: Path, n: int, arch: str = "ViT-B-16") -> tuple[str, list[Path]]:
+    """``n`` checkpoints of ``arch`` in the authors' layout (clip_B_3fc_*.pth, clip_L_3fc_*.pth), and the base."""
     import open_clip
     import torch
     from torch import nn
@@ -44,13 +45,15 @@ def make_files(work: Path, n: int) -> tuple[str, list[Path]]:
     from laionfilter.safefiles import write_safetensors
 
     torch.manual_seed(0)
-    clip = open_clip.create_model("ViT-B-16").eval()
+    clip = open_clip.create_model(arch).eval()
+    embed = clip.visual.output_dim
+    letter = "L" if "-L-" in arch else "B"
     base = work / "open_clip_model.safetensors"
     if not base.exists():
         write_safetensors(base, clip.state_dict(), {})
     files = []
     for i, name in enumerate(["ava", "aes", "tad", "para", "koniq", "spaq"][:n]):
-        path = work / f"clip_B_3fc_{name}.pth"
+        path = work / f"clip_{letter}_3fc_{name}.pth"
         files.append(path)
         if path.exists():
             continue
@@ -58,11 +61,12 @@ def make_files(work: Path, n: int) -> tuple[str, list[Path]]:
         for k, v in clip.state_dict().items():
             sd[f"backbone.{k}"] = v + 1e-3 * torch.randn_like(v) if k.startswith("visual.") else v
         torch.manual_seed(100 + i)
-        head = nn.Sequential(nn.Linear(512, 512), nn.GELU(), nn.Dropout(0.5), nn.Linear(512, 10), nn.Sigmoid())
+        head = nn.Sequential(nn.Linear(embed, 512), nn.GELU(), nn.Dropout(0.5), nn.Linear(512, 10), nn.Sigmoid())
         sd.update({f"score_predictor.projection.{k}": v for k, v in head.state_dict().items()})
-        torch.save({"model": sd}, path)
+        torch.save({"model": sd}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)  # a killed run leaves no half file that a rerun would take
         del sd
-    return f"ViT-B-16:{base}", files
+    return f"{arch}:{base}", files
 
 
 def main() -> None:

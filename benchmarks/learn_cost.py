@@ -1,0 +1,127 @@
+"""What `learn` costs on real-size banks: time by phase and peak memory, ViT-B-16 and ViT-L-14.
+
+A bank is made in the paper authors' layout (six clip_{B,L}_3fc_*.pth files of random weights, as
+`benchmarks/import_bank.py` makes them; time and memory do not depend on the values) and imported with
+`bank import`. Then, for each ratings count (10 and 100 images, JPEGs of 256 pixels, random scores),
+a fresh process measures the default recipe's phases:
+  load      the bank read, the merger built (θ_pre and the task vectors on the device);
+  decode    the ratings file read and every image preprocessed;
+  start     the task models' and the 51 candidate merges' predictions (the mixes start);
+  steps     ``--steps`` Adam steps of one fit, no early stop: seconds per step;
+and, with ``--full ARCH:N``, `learn` itself end to end (the five out-of-fold fits, the final fit, the
+calibration), its wall time and the process's peak resident memory (VmHWM). Without ``--full`` the
+default's time is not measured; the per-step figure tells what a 500-step fit costs.
+
+    python benchmarks/learn_cost.py --arch ViT-B-16 --ratings 10 --steps 5 --json learn-cost.json
+    python benchmarks/learn_cost.py --device cuda --full ViT-B-16:10 --json learn-cost-gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from import_bank import make_files  # noqa: E402
+
+CHILD = r"""
+import json, re, sys, time
+t0 = time.perf_counter()
+import torch
+from laionfilter.bank import load_bank
+from laionfilter.learn import Merger, fit, learn_device, start_predictions
+from laionfilter.model import eval_transform
+from laionfilter.ratings import read_ratings
+from laionfilter.recipe import LearnConfig
+bank_path, ratings, device, steps, full = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+def hwm():
+    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+def sync():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+out = {"import_s": round(time.perf_counter() - t0, 2)}
+cfg = LearnConfig(device=device)
+t = time.perf_counter(); bank = load_bank(bank_path); merger = Merger(bank, learn_device(cfg)); sync()
+out["load_s"] = round(time.perf_counter() - t, 2)
+t = time.perf_counter(); sup = read_ratings(ratings, eval_transform(bank.architecture)).supports[0]
+out["decode_s"] = round(time.perf_counter() - t, 2)
+t = time.perf_counter(); task_preds, mix_preds = start_predictions(merger, sup.pixels, cfg, None, None, False); sync()
+out["start_s"] = round(time.perf_counter() - t, 2)
+one = LearnConfig(device=device, steps=steps, tol=0)
+fit(merger, sup.pixels, sup.scores, LearnConfig(device=device, steps=1, tol=0), task_preds=task_preds, mix_preds=mix_preds)
+sync(); t = time.perf_counter()
+fit(merger, sup.pixels, sup.scores, one, task_preds=task_preds, mix_preds=mix_preds); sync()
+out["seconds_per_step"] = round((time.perf_counter() - t) / steps, 3)
+out["peak_rss_mib_phases"] = round(hwm())
+if full:
+    from laionfilter.profile import learn_profiles
+    t = time.perf_counter()
+    [p] = learn_profiles(ratings, bank, ratings + ".profile", cfg, progress=False)
+    out["learn_default_s"] = round(time.perf_counter() - t, 1)
+    out["fits_converged_at"] = p.meta.get("loss_curve", {}).get("converged_at")
+    out["peak_rss_mib"] = round(hwm())
+    if device.startswith("cuda"):
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+print(json.dumps(out))
+"""
+
+
+def ratings_file(root: Path, n: int) -> Path:
+    from laionfilter.train.starter import PHOTOS, load_photo, random_crop
+
+    rng = np.random.default_rng(n)
+    photos = [load_photo(p) for p in PHOTOS["eval"]]
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = ["image,score"]
+    for i in range(n):
+        random_crop(photos[i % len(photos)], 256, rng).save(root / "img" / f"{i:03d}.jpg", quality=90)
+        lines.append(f"img/{i:03d}.jpg,{int(rng.integers(1, 11))}")
+    (root / f"ratings-{n}.csv").write_text("\n".join(lines) + "\n")
+    return root / f"ratings-{n}.csv"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", action="append", help="ViT-B-16 and/or ViT-L-14 (default: both)")
+    ap.add_argument("--ratings", action="append", type=int, help="ratings counts (default: 10 and 100)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=10, help="Adam steps timed per fit")
+    ap.add_argument("--full", action="append", default=[], metavar="ARCH:N",
+                    help="also run `learn` with the default recipe end to end for this bank and ratings count "
+                         "(e.g. ViT-B-16:10)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="lf-learn-cost-"))
+    res: dict = {"device": args.device, "steps_timed": args.steps, "runs": []}
+    for arch in args.arch or ["ViT-B-16", "ViT-L-14"]:
+        t = time.time()
+        base, files = make_files(work / arch, 6, arch)
+        bank = work / arch / "bank"
+        if not (bank / "manifest.json").exists():
+            r = subprocess.run([sys.executable, "-m", "laionfilter", "bank", "import", *map(str, files), "--base", base,
+                                "--out", str(bank)], capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"bank import failed: {r.stderr[-2000:]}")
+        print(f"{arch}: bank ready in {time.time() - t:.0f} s", flush=True)
+        for n in args.ratings or [10, 100]:
+            ratings = ratings_file(work / arch, n)
+            r = subprocess.run([sys.executable, "-c", CHILD, str(bank), str(ratings), args.device, str(args.steps),
+                                "1" if f"{arch}:{n}" in args.full else "0"], capture_output=True, text=True)
+            row = {"arch": arch, "ratings": n}
+            row.update(json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-2000:]})
+            res["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
