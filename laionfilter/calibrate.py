@@ -10,7 +10,7 @@ Two kinds: ``linear`` (least squares with a slope ≥ 0; with weak out-of-fold p
 shrinks toward the support set's mean rating) and ``isotonic`` (scipy's isotonic regression, a step
 function, interpolated between the fitted points and flat beyond them). Linear is the default
 (``LearnConfig.calibration``): over 12 users × 3 trials of the benchmark's user sets it had the lower
-error at 10 ratings (README, "Scores in the user's own scale").
+error at 10 ratings (docs/research-log.md, "Scores in the user's own scale").
 """
 
 from __future__ import annotations

@@ -298,7 +298,7 @@ def bank_info_cmd(bank_path, as_json, plot):
               help="One user's ratings so far (not suggested again).")
 @click.option("--by", type=click.Choice(["tasks", "fit"]), default="tasks",
               help="tasks: where the task models disagree; fit: where fits of --ratings (4 scores or more) disagree "
-                   "(5 fits more, and no better at 10 shots: see the README).")
+                   "(5 fits more, and no better at 10 shots: see docs/research-log.md).")
 @click.option("--count", "count", type=int, default=10, help="How many images to suggest.")
 @renamed("--n", "--count", "count", type=int)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write them as a CSV (image, empty score) to fill in.")

@@ -32,7 +32,7 @@ def anchor_weight(anchor: float, n_support: int, power: float) -> float:
 class LearnConfig:
     # adaptive: softmax(SROCC/T) (the paper); uniform: T → ∞; best-fit: T → 0; mixes (beyond the paper,
     # the default): softmax over candidate merges, see learn.mixes(). Chosen on the benchmark's first user set
-    # at 10 shots, where an untrained mixes start beat the best single task by +0.03 (README).
+    # at 10 shots, where an untrained mixes start beat the best single task by +0.03 (docs/research-log.md).
     init: str = "mixes"
     temperature: float = 1.0
     # Beyond the paper, init "mixes": the temperature of the softmax over the candidate merges' SROCC.
@@ -52,7 +52,7 @@ class LearnConfig:
     # Beyond the paper: a penalty (anchor / N)^anchor_power · Σ_i mean_l (α_i^l − α_i^l(0))² keeping the
     # coefficients near their start, N the support size: weight 1 at N = anchor. The rank loss is a
     # mean, so a prior of fixed weight would hold a 500-image support set as hard as a 10-image one.
-    # Weight 32 at 10 shots: ten ratings trained from the mixes start undid its gain (README), while at
+    # Weight 32 at 10 shots: ten ratings trained from the mixes start undid its gain (docs/research-log.md), while at
     # 100 shots even 0.03 held α back (−0.006 mean test SROCC on the user set settings are chosen on);
     # (23.71 / N)^4 is 31.6 at 10, as (31.62 / N)^3 was, and 0.0032 at 100. 0 is the paper's recipe.
     anchor: float = 23.71
@@ -74,7 +74,7 @@ class LearnConfig:
     # ratings) the loss is the exact objective, and the fit stops once it has not fallen by ``tol`` for
     # ``patience`` steps (the rule of scikit-learn's tol / n_iter_no_change), keeping the α of its lowest
     # loss (Keras's restore_best_weights). With the default anchor ten-rating fits settle long before
-    # step 500 (README: one stops at step 66), and stopping them moved no test SROCC of the benchmark by
+    # step 500 (docs/research-log.md: one stops at step 66), and stopping them moved no test SROCC of the benchmark by
     # more than 0.005. 0 trains every step (the paper).
     tol: float = 1e-4
     patience: int = 25

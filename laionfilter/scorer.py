@@ -43,7 +43,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this processor computes in bf16 natively (AVX-512 BF16 or AMX): then a bf16 ViT runs several
-    times faster than float32 on it (README, "Scoring on the CPU"). Linux's /proc/cpuinfo, else False."""
+    times faster than float32 on it (benchmarks/README.md, "Scoring speed"). Linux's /proc/cpuinfo, else False."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -161,7 +161,7 @@ def group_by_prefix(alphas: list[torch.Tensor], stages: torch.Tensor, n_blocks: 
 # A CPU forward holds at most about this much in its largest activation (the MLP's hidden layer or the
 # attention matrices), in images per forward: the tiny ViT's batches of 256 spill the caches (1.8k img/s
 # in forwards of 32, 1.1k in one of 256), and ViT-B-16 runs faster in forwards of 8 than of 32 (295
-# against 367 ms per image on one thread) while peaking about 250 MiB lower (README, "Fixed costs").
+# against 367 ms per image on one thread) while peaking about 250 MiB lower (docs/research-log.md, "Fixed costs").
 CPU_FORWARD_BYTES = 20 * 2**20
 MAX_CPU_CHUNK = 32
 

@@ -11,7 +11,7 @@ Once a few images are rated (``MIN_RATINGS`` with two different scores), the cur
 it is unsure (``by="fit"``): the recipe is fitted once per fold of those ratings, each fit leaving some
 out (``learn.fold_fits``, the fits the calibration makes), and the same greedy pick runs on those fits'
 predictions in place of the task models'. Where fits that each miss a few ratings disagree, one more
-rating should move the fit most. Measured at 10 shots (README), choosing the second five so was no
+rating should move the fit most. Measured at 10 shots (docs/research-log.md), choosing the second five so was no
 better than choosing all ten by the task models, and costs five fits, so it is not the default.
 """
 

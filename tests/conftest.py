@@ -4,7 +4,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Under pytest-xdist (`-n auto`, the README's command) there is one worker process per core: torch's
 # default of one thread per core in each, and in the CLI processes tests start, would oversubscribe the
-# cores many times over (README, "Threads").
+# cores many times over (docs/research-log.md, "Threads").
 # Likewise learn, suggest and evaluate would run their fits in a process per core (LAIONFILTER_JOBS):
 # beside the other workers, one at a time, unless a test asks for more.
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -23,12 +23,12 @@ from laionfilter.rate import Session, collect_images, serve
 
 from .helpers import crops, jpeg
 
-DOCS = os.environ.get("LAIONFILTER_DOCS_SCREENSHOTS")  # set to docs/ to refresh the README's screenshots
+DOCS = os.environ.get("LAIONFILTER_DOCS_SCREENSHOTS")  # set to docs/ to refresh docs/rating.md's screenshots
 
 
 @pytest.fixture
 def photos(tmp_path):
-    """Ten of the demo's photos (128 pixels), as the README's screenshots show them."""
+    """Ten of the demo's photos (128 pixels), as docs/rating.md's screenshots show them."""
     from laionfilter.demo import EXAMPLE
 
     folder = tmp_path / "photos"
