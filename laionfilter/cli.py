@@ -799,7 +799,7 @@ def report(scores, column, out, top, shards, allow_pipe, as_json):
     if as_json:
         _echo_json(r)
     else:
-        click.echo(f"{out}: {r['thumbnails']} images of {r['images']:,} shown"
+        click.echo(f"{out}: {r['thumbnails']} thumbnails of the {r['images']:,} scored images"
                    + (f", {r['missing']} not found (give --shards where they are now)" if r["missing"] else ""))
 
 

@@ -52,3 +52,20 @@ def test_a_report_finds_moved_shards_with_shards_and_says_what_it_missed(shards,
     assert r.exit_code == 0 and json.loads(r.stdout)["missing"] == 0
     r = run(cli, ["report", str(out), "--column", "nobody", "--out", str(tmp_path / "d.html")])
     assert r.exit_code == 1 and "no scores for profile 'nobody'" in r.output
+
+
+def test_a_report_on_a_folder_of_ones_own_images(profiles, small_bank, tmp_path):
+    from laionfilter.demo import EXAMPLE
+
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i, p in enumerate(sorted((EXAMPLE / "images").glob("*.jpg"))[:14]):
+        shutil.copy(p, photos / ("sub" if i % 2 else ".") / p.name)
+    run = CliRunner().invoke
+    assert run(cli, ["score", str(photos), "--profile", str(profiles[0]), "--bank", str(small_bank.path),
+                     "--out", str(tmp_path / "scores"), "--workers", "0"]).exit_code == 0
+    r = run(cli, ["report", str(tmp_path / "scores"), "--column", "alice", "--out", str(tmp_path / "a.html"),
+                  "--json"])
+    got = json.loads(r.stdout)
+    assert r.exit_code == 0 and got["images"] == 14 and got["missing"] == 0 and got["thumbnails"] >= 14
+    assert "sub/" in (tmp_path / "a.html").read_text()  # keyed by path under the folder
