@@ -111,7 +111,8 @@ def _simulate(job: tuple[Path, int, int, str]) -> str:
 
 def worker(rank: int, device: str, units: Any, args: argparse.Namespace, tables: dict[str, str]) -> None:
     from laionfilter.bank import resolve_bank
-    from laionfilter.learn import Merger, learning_threads
+    from laionfilter.jobs import learning_threads
+    from laionfilter.learn import Merger
     from laionfilter.model import eval_transform, pick_device
     from laionfilter.ratings import read_ratings
 

@@ -22,7 +22,8 @@ import numpy as np
 from .bank import Bank
 from .errors import LaionfilterError
 from .calibrate import fit_calibration
-from .learn import Merger, fit_processes, fit_recipe, learning_threads, pair_agreement, run_jobs
+from .jobs import fit_processes, learning_threads, run_jobs
+from .learn import Merger, fit_recipe, pair_agreement
 from .log import note, progress_bar
 from .metrics import ranks_anything, srocc
 from .model import eval_transform, pick_device
@@ -80,7 +81,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
              progress: bool = True, min_test: int = 10, threads: int | None = None,
              jobs: int | None = None) -> dict[str, Any]:
     """Run the protocol; returns every number (per user, trial, K and method) plus the summary.
-    ``jobs`` splits run at once (default: see ``learn.fit_processes``); the numbers are the same."""
+    ``jobs`` splits run at once (default: see ``jobs.fit_processes``); the numbers are the same."""
     dev = pick_device(device)
     with learning_threads(bank, threads):
         methods = methods or default_methods(LearnConfig(device=str(dev)))
@@ -160,7 +161,7 @@ def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, m
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class PlannedJob:
-    """``run(*args, on_step=...)`` as a ``learn.run_jobs`` job that moves a progress bar by ``planned``
+    """``run(*args, on_step=...)`` as a ``jobs.run_jobs`` job that moves a progress bar by ``planned``
     in all: by each step ``run`` reports, then by what it did not take (a fit that stopped early, a
     split skipped)."""
     planned: int
@@ -183,7 +184,7 @@ class PlannedJob:
 
 def run_planned(jobs: list[PlannedJob], processes: int, progress: bool, desc: str,
                 unit: str) -> list[dict[str, Any]]:
-    """``PlannedJob``s run by ``learn.run_jobs`` under one progress bar; their runs, in order."""
+    """``PlannedJob``s run by ``jobs.run_jobs`` under one progress bar; their runs, in order."""
     bar = progress_bar(total=sum(j.planned for j in jobs), desc=desc, unit=unit, disable=not progress)
     runs = [run for done in run_jobs(jobs, processes, bar.update) for run in done]
     bar.close()

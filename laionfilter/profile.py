@@ -19,7 +19,8 @@ from .bank import Bank, find_bank
 from .errors import LaionfilterError
 from .formats import PROFILE_FORMAT, validate
 from .calibrate import Calibration
-from .learn import Merger, fit_processes, fit_recipe, learn_device, learning_threads
+from .jobs import fit_processes, learning_threads
+from .learn import Merger, fit_recipe, learn_device
 from .log import note
 from .model import ScoreModel, eval_transform
 from .names import check_name, child_path

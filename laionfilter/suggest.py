@@ -129,9 +129,10 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
     as a CSV with an empty ``score`` column when ``out`` is given. ``ratings``: a file rated so far
     (its images count as picked). ``by``: ``tasks`` (where the task models disagree) or ``fit`` (where
     fits of ``ratings`` by ``recipe``, default the default recipe, disagree; ``MIN_RATINGS`` needed;
-    ``jobs`` of them at once, default: see ``learn.fit_processes``)."""
+    ``jobs`` of them at once, default: see ``jobs.fit_processes``)."""
     from .errors import LaionfilterError
-    from .learn import Merger, fit_processes, learning_threads
+    from .jobs import fit_processes, learning_threads
+    from .learn import Merger
     from .recipe import LearnConfig
     from .log import note
     from .model import pick_device

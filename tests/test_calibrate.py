@@ -13,7 +13,8 @@ from laionfilter.calibrate import Calibration, fit_calibration
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
 from laionfilter.evaluate import rating_errors
-from laionfilter.learn import Merger, fit, fit_recipe, learning_threads, out_of_fold
+from laionfilter.jobs import learning_threads
+from laionfilter.learn import Merger, fit, fit_recipe, out_of_fold
 from laionfilter.recipe import LearnConfig
 from laionfilter.model import eval_transform
 from laionfilter.profile import Profile, learn_profiles, load_profile

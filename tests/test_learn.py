@@ -356,7 +356,7 @@ def test_a_fit_that_fails_in_its_process_stops_the_others_and_queues_nothing_mor
     import multiprocessing as mp
     import time
 
-    from laionfilter.learn import run_jobs
+    from laionfilter.jobs import run_jobs
 
     def fails(on_step):
         on_step(1)
@@ -376,8 +376,8 @@ def test_a_fit_that_fails_in_its_process_stops_the_others_and_queues_nothing_mor
 
 
 def test_fits_go_side_by_side_by_default_only_for_small_models_on_one_thread(small_bank, monkeypatch):
-    import laionfilter.learn as learn_module
-    from laionfilter.learn import fit_processes
+    import laionfilter.jobs as jobs_module
+    from laionfilter.jobs import fit_processes
     from laionfilter.model import usable_cores
 
     monkeypatch.delenv("LAIONFILTER_JOBS", raising=False)
@@ -385,7 +385,7 @@ def test_fits_go_side_by_side_by_default_only_for_small_models_on_one_thread(sma
     with torch_threads(1):
         assert fit_processes(merger) == usable_cores()
         assert fit_processes(merger, 3) == 3
-        monkeypatch.setattr(learn_module, "SMALL_MODEL_PARAMETERS", 0)  # the same bank, as if it were large
+        monkeypatch.setattr(jobs_module, "SMALL_MODEL_PARAMETERS", 0)  # the same bank, as if it were large
         assert fit_processes(merger) == 1  # a merged model per core would not be asked for unbidden
         assert fit_processes(merger, 2) == 2
 

@@ -9,7 +9,7 @@ from laionfilter.cli import cli
 
 PACKAGE = Path(laionfilter.__file__).parent
 RUNTIME = ["bank", "learn", "profile", "ratings", "evaluate", "score", "scorer", "mapper", "reader", "writer",
-           "distribute", "query", "guidance", "export", "authors", "images", "model", "report", "shards"]
+           "distribute", "query", "guidance", "export", "authors", "images", "model", "report", "shards", "jobs"]
 
 
 def _imports(path: Path) -> set[str]:
