@@ -57,7 +57,7 @@ def _sources(scores: Path, shards: str | None, allow_pipe: bool) -> dict[str, An
     return out
 
 
-def _read(picked: dict[str, list[str]], sources: dict[str, Any]) -> dict[tuple[str, str], bytes]:
+def _read(picked: dict[str, list[str]], sources: dict[str, Any], allow_pipe: bool) -> dict[tuple[str, str], bytes]:
     """The image bytes of the picked keys, reading each shard once."""
     from .reader import ImageChunk, Sample, read_shard
     from .shards import is_remote
@@ -69,8 +69,8 @@ def _read(picked: dict[str, list[str]], sources: dict[str, Any]) -> dict[tuple[s
             continue
         if isinstance(src, ImageChunk):
             src = ImageChunk(part, src.root, tuple(sorted(keys)))
-        elif src.startswith("pipe:") or (not is_remote(src) and not Path(src).is_file()):
-            continue  # a pipe runs only when asked (--shards ... --allow-pipe); a moved shard is skipped
+        elif (src.startswith("pipe:") and not allow_pipe) or (not is_remote(src) and not Path(src).is_file()):
+            continue  # a pipe runs only with --allow-pipe, as everywhere; a moved shard is skipped
         wanted = set(keys)
         for s in read_shard(src):
             if isinstance(s, Sample) and s.key in wanted and s.image is not None:
@@ -107,7 +107,7 @@ def report(scores: str | os.PathLike, profile: str, out: str | os.PathLike, *, t
     for rows in sections.values():
         for r in rows:
             picked[r["shard"]].append(r["key"])
-    images = _read(picked, _sources(scores, shards, allow_pipe))
+    images = _read(picked, _sources(scores, shards, allow_pipe), allow_pipe)
     thumbs = {k: _thumbnail(v) for k, v in images.items()}
     shown = sum(1 for rows in sections.values() for r in rows if thumbs.get((r["shard"], r["key"])))
     page = _page(profile, sections, thumbs, n, "rating" if rating else "score")

@@ -50,6 +50,11 @@ def test_a_report_finds_moved_shards_with_shards_and_says_what_it_missed(shards,
     r = run(cli, ["report", str(out), "--column", "alice", "--out", str(tmp_path / "c.html"), "--shards", str(moved),
                   "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["missing"] == 0
+    piped = ["report", str(out), "--column", "alice", "--out", str(tmp_path / "e.html"), "--json",
+             "--shards", f"pipe:cat {moved}/{{00000..00002}}.tar"]
+    assert run(cli, piped).exit_code == 1  # a pipe runs only with --allow-pipe
+    r = run(cli, [*piped, "--allow-pipe"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["missing"] == 0
     r = run(cli, ["report", str(out), "--column", "nobody", "--out", str(tmp_path / "d.html")])
     assert r.exit_code == 1 and "no scores for profile 'nobody'" in r.output
 
