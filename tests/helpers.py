@@ -1,10 +1,14 @@
 """Plain helpers the tests share: real photos, JPEG bytes, WebDataset shards written by webdataset."""
 
+import contextlib
 import io
 import json
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import pytest
 import webdataset as wds
 from PIL import Image
 
@@ -39,3 +43,16 @@ def good_samples(prefix: str, n: int, seed: int) -> list[dict]:
                                         "width": img.width, "height": img.height, "key": key}).encode(),
                     "txt": f"photo {key}".encode()})
     return out
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str = "size=1m") -> Iterator[Path]:
+    """A small tmpfs mounted on ``folder`` (made here) for the block: a real full disk (``size=``) or a
+    read-only one (``ro``). Mounting needs root: elsewhere the test is skipped, saying why."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: it needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

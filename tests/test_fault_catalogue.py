@@ -23,7 +23,7 @@ from PIL import Image
 
 from laionfilter.cli import cli
 
-from .helpers import good_samples, write_shard
+from .helpers import good_samples, tmpfs, write_shard
 
 
 def run(*args):
@@ -265,11 +265,7 @@ def _fill(disk):
 
 
 def test_a_full_disk_while_rating_loses_only_that_answer(long_named_photos, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "disk") as disk:
         out = disk / "r.csv"
         server = RatingServer(long_named_photos, out)
         try:
@@ -298,8 +294,6 @@ def test_a_full_disk_while_rating_loses_only_that_answer(long_named_photos, tmp_
 
         again = Session(out, collect_images(str(long_named_photos), out=out))  # a rerun resumes from the file
         assert len(again.rows) == len(rows) - 1
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_the_rating_api_takes_only_its_documented_types(long_named_photos, tmp_path):

@@ -24,7 +24,7 @@ from laionfilter.profile import learn_profiles, load_profile
 from laionfilter.score import ScoreConfig, score_shards
 from laionfilter.train.starter import load_photo
 
-from .helpers import good_samples, jpeg, write_shard
+from .helpers import good_samples, jpeg, tmpfs, write_shard
 
 
 def run(*args):
@@ -274,14 +274,8 @@ def test_a_url_that_would_break_out_of_the_shell_quotes_is_refused(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (root only; skipped elsewhere)."""
-    import subprocess
-
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    with tmpfs(tmp_path / "disk") as mnt:
+        yield mnt
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_disk, shards, profiles, small_bank):
@@ -294,21 +288,12 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_disk, sha
 
 
 def test_a_read_only_folder_is_one_line(tmp_path, shards, profiles, small_bank):
-    import subprocess
-
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    try:
-        r = run("select", "--help")
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mnt:
         r = run("learn", tmp_path / "missing.csv", "--out", mnt / "me.profile")
         assert r.exit_code == 2  # click: the ratings file does not exist
         r = run("score", shards, "--profile", profiles[0], "--bank", small_bank.path, "--out", mnt / "scores",
                 "--workers", "0", "--device", "cpu")
         assert "Read-only file system" in one_line_error(r)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_files_of_the_wrong_kind_are_one_line_naming_them(scored, tmp_path, shards):

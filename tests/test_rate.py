@@ -21,7 +21,7 @@ from laionfilter.recipe import LearnConfig
 from laionfilter.profile import learn_profiles
 from laionfilter.rate import Session, collect_images, serve
 
-from .helpers import crops, jpeg
+from .helpers import crops, jpeg, tmpfs
 
 DOCS = os.environ.get("LAIONFILTER_DOCS_SCREENSHOTS")  # set to docs/ to refresh docs/rating.md's screenshots
 
@@ -204,15 +204,9 @@ def test_bad_input_is_refused_before_serving(photos, tmp_path):
 
 
 def test_a_read_only_output_is_refused_before_serving(photos, tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mnt:
         with pytest.raises(LaionfilterError, match="cannot write answers there"):
             Session(mnt / "r.csv", collect_images(str(photos)))
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def _box(driver, element_id):
