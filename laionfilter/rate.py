@@ -134,7 +134,7 @@ class Session:
     skipped: set = field(default_factory=set)
     skipped_images: set = field(default_factory=set)
     order_hint: list[int] | None = None  # items in this order first (rate --order active), the rest shuffled
-    learn_command: str | None = None  # what the page says to run once done (None: learn OUT --out me.profile)
+    learn_command: str | None = None  # what the page says to run once done (None: as for image files)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -225,7 +225,7 @@ class Session:
         return None
 
     def state(self) -> dict[str, Any]:
-        learn = self.learn_command or shlex.join(["laionfilter", "learn", str(self.out), "--out", "me.profile"])
+        learn = self.learn_command or learn_command(None, self.out, self.user)
         return {"mode": self.mode, "scale": self.scale, "target": self.target, "rated": len(self.rows),
                 "user": self.user, "out": str(self.out), "next": self.next_item(),
                 "last": self.rows[-1] if self.rows else None, "learn_command": learn}
@@ -340,8 +340,10 @@ def _handler(session: Session, hosts: set[str] | None) -> type[BaseHTTPRequestHa
                 respond()
             except BadRequest as e:
                 self._json({"error": str(e)}, e.status)
-            except OSError as e:  # a full disk: the answer is not saved, and the page says so
-                note(f"{session.out}: answer not saved ({e.strerror or e})")
+            except OSError as e:
+                if self.command != "POST":  # an image file that vanished since the list was made
+                    return self._json({"error": f"cannot read it ({e.strerror or e})"}, HTTPStatus.NOT_FOUND)
+                note(f"{session.out}: answer not saved ({e.strerror or e})")  # a full disk: the page says so
                 self._json({"error": f"could not write {session.out} ({e.strerror or e}); nothing of this answer "
                                      "was saved"}, HTTPStatus.INSUFFICIENT_STORAGE)
             except Exception as e:  # a bug must cost one request, not the server or the file
@@ -421,12 +423,14 @@ def _stopped_by_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def learn_command(source: str, out: str | os.PathLike, user: str | None = None, allow_pipe: bool = False) -> str:
+def learn_command(source: str | None, out: str | os.PathLike, user: str | None = None, allow_pipe: bool = False) -> str:
     """What to run on the answers once done: with --shards where SOURCE is shards (the answers name
-    sample keys), and into a folder where the file has a user column (one profile per user)."""
+    sample keys; None: image files), and into a folder where the file has a user column (one profile
+    per user)."""
     from .shards import find_images
 
-    shards = [] if find_images(source) is not None else ["--shards", source, *(["--allow-pipe"] if allow_pipe else [])]
+    files = source is None or find_images(source) is not None
+    shards = [] if files else ["--shards", source, *(["--allow-pipe"] if allow_pipe else [])]
     return shlex.join(["laionfilter", "learn", str(out), *shards, "--out", "profiles/" if user else "me.profile"])
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LaionfilterError
+from .formats import SCORES_FORMAT, validate
 from .query import columns, connect, quote, require_profile, run_sql
+from .safefiles import read_json
 from .writer import rating_column
 
 THUMB = 160  # pixels, the longer side
@@ -46,7 +48,8 @@ def _sources(scores: Path, shards: str | None, allow_pipe: bool) -> dict[str, An
 
     if shards:
         return {shard_name(u): u for u in expand_sources(shards, allow_pipe)}
-    manifest = json.loads((scores / "_manifest.json").read_text()) if (scores / "_manifest.json").exists() else {}
+    path = scores / "_manifest.json"
+    manifest = validate(read_json(path, what="scores manifest"), SCORES_FORMAT, path) if path.exists() else {}
     out: dict[str, Any] = {}
     for stats in scores.glob("*_stats.json"):
         name = stats.name.removesuffix("_stats.json")
@@ -67,8 +70,10 @@ def _read(picked: dict[str, list[str]], sources: dict[str, Any], allow_pipe: boo
         src = sources.get(part)
         if src is None:
             continue
-        if isinstance(src, ImageChunk):
-            src = ImageChunk(part, src.root, tuple(sorted(keys)))
+        if isinstance(src, ImageChunk):  # keys come from a file: only paths inside the folder are read
+            root = os.path.realpath(src.root)
+            inside = [k for k in keys if os.path.commonpath([root, os.path.realpath(os.path.join(root, k))]) == root]
+            src = ImageChunk(part, src.root, tuple(sorted(inside)))
         elif (src.startswith("pipe:") and not allow_pipe) or (not is_remote(src) and not Path(src).is_file()):
             continue  # a pipe runs only with --allow-pipe, as everywhere; a moved shard is skipped
         wanted = set(keys)

@@ -318,6 +318,13 @@ def test_the_rating_api_takes_only_its_documented_types(long_named_photos, tmp_p
                 s.sendall(b"GET %s HTTP/1.0\r\nHost: 127.0.0.1:%d\r\n\r\n" % (raw, server.port))
                 assert s.recv(100).split(b" ")[1] == b"404", raw
         assert out.read_bytes() == b""  # nothing above wrote a row
+        gone = sorted(long_named_photos.glob("29-*.jpg"))[0]
+        gone.rename(gone.with_suffix(".away"))  # an image that vanished after the list was made
+        try:
+            status, reply = server.request("GET", "/image/29")
+            assert status == 404 and "cannot read" in reply["error"]
+        finally:
+            gone.with_suffix(".away").rename(gone)
         status, state = server.post("/api/answer", {"item": item, "score": 5})
         assert status == 200 and state["rated"] == 1
     finally:

@@ -262,3 +262,5 @@ def test_the_done_page_gives_the_learn_command_for_the_source(shards, photos, tm
     assert learn_command(str(photos), out, user="ann") == f"laionfilter learn {out} --out profiles/"
     session = Session(out, collect_images(str(photos)), learn_command=learn_command(str(photos), out))
     assert session.state()["learn_command"] == f"laionfilter learn {out} --out me.profile"
+    ann = Session(tmp_path / "ann.csv", collect_images(str(photos)), user="ann")  # built without a command
+    assert ann.state()["learn_command"] == f"laionfilter learn {tmp_path / 'ann.csv'} --out profiles/"

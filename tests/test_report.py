@@ -74,3 +74,17 @@ def test_a_report_on_a_folder_of_ones_own_images(profiles, small_bank, tmp_path)
     got = json.loads(r.stdout)
     assert r.exit_code == 0 and got["images"] == 14 and got["missing"] == 0 and got["thumbnails"] >= 14
     assert "sub/" in (tmp_path / "a.html").read_text()  # keyed by path under the folder
+
+    # A key from the scores names a path under the folder only: one that leaves it is not read.
+    import pyarrow.parquet as pq
+
+    secret = tmp_path / "secret.jpg"
+    shutil.copy(next(photos.glob("*.jpg")), secret)
+    part = tmp_path / "scores" / "images-00000.parquet"
+    t = pq.read_table(part)
+    keys = t.column("key").to_pylist()
+    best = max(range(len(keys)), key=lambda i: t.column("alice")[i].as_py())
+    keys[best] = "../secret.jpg"
+    pq.write_table(t.set_column(t.schema.get_field_index("key"), "key", [keys]), part)
+    r = run(cli, ["report", str(tmp_path / "scores"), "--column", "alice", "--out", str(tmp_path / "b.html"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["missing"] > 0
