@@ -38,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from score import decode_only, decoded_pixels, make_shards, profiles_for, random_bank  # noqa: E402
 
 from laionfilter.bank import resolve_bank  # noqa: E402
-from laionfilter.learn import Merger, fit  # noqa: E402
+from laionfilter.learn import fit
+from laionfilter.merger import Merger  # noqa: E402
+from laionfilter.objective import Scored  # noqa: E402
 from laionfilter.recipe import LearnConfig  # noqa: E402
 from laionfilter.metrics import srocc  # noqa: E402
 from laionfilter.model import autocast, build_architecture  # noqa: E402
@@ -134,14 +136,14 @@ def main() -> None:
         urls = make_shards(tmp / "fit", 1, 10, 256, seed=5)
         pixels = decoded_pixels(urls, bank.manifest["architecture"]["preprocess"], 16)
         scores = np.array([3, 7, 5, 9, 2, 6, 4, 8, 1, 10], dtype=float)
-        cfg = LearnConfig(steps=200, calibration="none")
+        cfg = LearnConfig(steps=200, calibration="none", fit="backprop")
         got = {}
         for dev in ("cpu", args.device):
             torch.set_num_threads(1)
             merger = Merger(bank, torch.device(dev))
             t = time.perf_counter()
-            r = fit(merger, pixels, scores, cfg)
-            got[dev] = (r["alpha"], (time.perf_counter() - t) / cfg.steps * 1000)
+            r = fit(merger, Scored(pixels, scores), cfg)
+            got[dev] = (r.alpha, (time.perf_counter() - t) / cfg.steps * 1000)
         return {"max_abs_alpha_diff": float((got["cpu"][0] - got[args.device][0]).abs().max()),
                 "alpha_scale": float(got["cpu"][0].abs().max()),
                 "ms_per_step": {d: round(v[1], 1) for d, v in got.items()}}

@@ -6,14 +6,21 @@ A bank is made in the paper authors' layout (six clip_{B,L}_3fc_*.pth files of r
 a fresh process measures the default recipe's phases:
   load      the bank read, the merger built (θ_pre and the task vectors on the device);
   decode    the ratings file read and every image preprocessed;
-  start     the task models' and the 51 candidate merges' predictions (the mixes start);
-  steps     ``--steps`` Adam steps of one fit, no early stop: seconds per step;
-and, with ``--full ARCH:N``, `learn` itself end to end (the five out-of-fold fits, the final fit, the
-calibration), its wall time and the process's peak resident memory (VmHWM). Without ``--full`` the
-default's time is not measured; the per-step figure tells what a 500-step fit costs.
+  start     the task models' predictions (and, for init mixes, the 51 candidate merges');
+  linearise one forward and backward per image, merged once (fit "linear" makes one per refresh);
+  backprop  ``--steps`` Adam steps of the paper's fit, no early stop: seconds per step;
+and, with ``--full ARCH:N``, `learn` itself end to end with the default recipe (the final fit, the
+out-of-fold fits, the calibration), its wall time and the process's peak resident memory (VmHWM).
+
+``--users N`` instead measures many users at once on the starter bank: N users, each rating 10 images
+drawn from a pool of 2,000 crops of the bank's reserved photos (scores from a random linear taste over
+simple image statistics), learned by one `learn` (the default recipe); its wall time, and for
+``--alone K`` of them, each learned alone: the largest difference of coefficients and of SROCC on the
+user's test images (another 100 of the pool, rated by the same taste) between the two.
 
     python benchmarks/learn_cost.py --arch ViT-B-16 --ratings 10 --steps 5 --json learn-cost.json
     python benchmarks/learn_cost.py --device cuda --full ViT-B-16:10 --json learn-cost-gpu.json
+    python benchmarks/learn_cost.py --users 1000 --json benchmarks/results/learn-users-epyc.json
 """
 
 from __future__ import annotations
@@ -35,11 +42,16 @@ CHILD = r"""
 import json, re, sys, time
 t0 = time.perf_counter()
 import torch
+from dataclasses import replace
 from laionfilter.bank import load_bank
-from laionfilter.learn import Merger, fit, learn_device, start_predictions
+from laionfilter.learn import fit
+from laionfilter.learn import learn_device
+from laionfilter.merger import Merger
 from laionfilter.model import eval_transform
+from laionfilter.objective import Scored
 from laionfilter.ratings import read_ratings
 from laionfilter.recipe import LearnConfig
+from laionfilter.start import start_predictions
 bank_path, ratings, device, steps, full = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 def hwm():
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
@@ -52,13 +64,16 @@ t = time.perf_counter(); bank = load_bank(bank_path); merger = Merger(bank, lear
 out["load_s"] = round(time.perf_counter() - t, 2)
 t = time.perf_counter(); sup = read_ratings(ratings, eval_transform(bank.architecture)).supports[0]
 out["decode_s"] = round(time.perf_counter() - t, 2)
+support = Scored(sup.pixels, sup.scores)
 t = time.perf_counter(); task_preds, mix_preds = start_predictions(merger, sup.pixels, cfg, None, None, False); sync()
 out["start_s"] = round(time.perf_counter() - t, 2)
-one = LearnConfig(device=device, steps=steps, tol=0)
-fit(merger, sup.pixels, sup.scores, LearnConfig(device=device, steps=1, tol=0), task_preds=task_preds, mix_preds=mix_preds)
+t = time.perf_counter(); merger.linearise(torch.full((bank.n, len(bank.layers)), 1 / bank.n), sup.pixels); sync()
+out["linearise_s_per_image"] = round((time.perf_counter() - t) / len(sup.pixels), 3)
+backprop = LearnConfig(device=device, steps=steps, tol=0, fit="backprop", calibration="none")
+fit(merger, support, replace(backprop, steps=1), task_preds=task_preds, mix_preds=mix_preds)
 sync(); t = time.perf_counter()
-fit(merger, sup.pixels, sup.scores, one, task_preds=task_preds, mix_preds=mix_preds); sync()
-out["seconds_per_step"] = round((time.perf_counter() - t) / steps, 3)
+fit(merger, support, backprop, task_preds=task_preds, mix_preds=mix_preds); sync()
+out["backprop_s_per_step"] = round((time.perf_counter() - t) / steps, 3)
 out["peak_rss_mib_phases"] = round(hwm())
 if full:
     from laionfilter.profile import learn_profiles
@@ -87,6 +102,83 @@ def ratings_file(root: Path, n: int) -> Path:
     return root / f"ratings-{n}.csv"
 
 
+USERS_CHILD = r"""
+import json, re, sys, time
+t0 = time.perf_counter()
+from laionfilter.bank import resolve_bank
+from laionfilter.profile import learn_profiles
+from laionfilter.recipe import LearnConfig
+table, out = sys.argv[1], sys.argv[2]
+t = time.perf_counter()
+profiles = learn_profiles(table, resolve_bank("starter"), out, LearnConfig(device="cpu"), progress=False)
+print(json.dumps({"import_s": round(t - t0, 2), "learn_s": round(time.perf_counter() - t, 1), "profiles": len(profiles),
+                  "peak_rss_mib": round(int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024)}))
+"""
+
+
+def users_table(root: Path, users: int, pool: int = 2000, per_user: int = 10, test: int = 100) -> tuple[Path, dict]:
+    """``users`` users × ``per_user`` ratings from a pool of crops; also each user's test images and scores."""
+    from laionfilter.train.starter import PHOTOS, image_stats, load_photo, random_crop
+
+    rng = np.random.default_rng(0)
+    photos = [load_photo(p) for p in PHOTOS["eval"]]
+    (root / "pool").mkdir(parents=True, exist_ok=True)
+    stats = []
+    for i in range(pool):
+        img = random_crop(photos[i % len(photos)], 64, rng)
+        img.save(root / "pool" / f"{i:04d}.png")
+        stats.append(image_stats(img))
+    stats = np.array(stats)
+    stats = (stats - stats.mean(0)) / (stats.std(0) + 1e-9)
+    lines, tests = ["user,image,score"], {}
+    for u in range(users):
+        taste = rng.normal(size=stats.shape[1])
+        picked = rng.choice(pool, per_user + test, replace=False)
+        raw = stats[picked] @ taste
+        scores = np.clip(np.round(5.5 + 4.5 * (raw - raw.mean()) / (raw.std() + 1e-9) / 2), 1, 10).astype(int)
+        user = f"u{u:04d}"
+        lines += [f"{user},pool/{i:04d}.png,{s}" for i, s in zip(picked[:per_user], scores[:per_user])]
+        tests[user] = (picked[per_user:], scores[per_user:])
+    (root / "users.csv").write_text("\n".join(lines) + "\n")
+    return root / "users.csv", tests
+
+
+def many_users(users: int, alone: int, work: Path) -> dict:
+    import torch
+
+    from laionfilter.bank import resolve_bank
+    from laionfilter.learn import fit_recipe
+    from laionfilter.merger import Merger
+    from laionfilter.metrics import srocc
+    from laionfilter.model import eval_transform
+    from laionfilter.objective import Scored
+    from laionfilter.profile import load_profile
+    from laionfilter.ratings import read_ratings
+    from laionfilter.recipe import LearnConfig
+
+    table, tests = users_table(work, users)
+    r = subprocess.run([sys.executable, "-c", USERS_CHILD, str(table), str(work / "profiles")], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"learn failed: {r.stderr[-2000:]}")
+    row = {"users": users, "ratings_per_user": 10, "pool": 2000, **json.loads(r.stdout.strip().splitlines()[-1])}
+    row["seconds_per_user"] = round(row["learn_s"] / users, 3)
+    bank = resolve_bank("starter")
+    transform = eval_transform(bank.architecture)
+    merger = Merger(bank, torch.device("cpu"))
+    supports = read_ratings(table, transform).supports[:alone]
+    diffs, dsrocc = [], []
+    torch.set_num_threads(1)
+    for sup in supports:
+        one = fit_recipe(merger, Scored(sup.pixels, sup.scores), LearnConfig(device="cpu"))
+        together = load_profile(work / "profiles" / f"{sup.user}.profile")
+        idx, y = tests[sup.user]
+        px = torch.stack([transform(work / "pool" / f"{i:04d}.png") for i in idx])
+        diffs.append(float((one.alpha - together.alpha).abs().max()))
+        dsrocc.append(abs(srocc(y, merger.predict(one.alpha, px)) - srocc(y, merger.predict(together.alpha, px))))
+    row.update(alone_checked=len(supports), max_alpha_difference=max(diffs), max_test_srocc_difference=max(dsrocc))
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", action="append", help="ViT-B-16 and/or ViT-L-14 (default: both)")
@@ -96,10 +188,18 @@ def main() -> None:
     ap.add_argument("--full", action="append", default=[], metavar="ARCH:N",
                     help="also run `learn` with the default recipe end to end for this bank and ratings count "
                          "(e.g. ViT-B-16:10)")
+    ap.add_argument("--users", type=int, help="instead: this many users at once on the starter bank")
+    ap.add_argument("--alone", type=int, default=20, help="--users: how many of them to learn alone as well")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lf-learn-cost-"))
+    if args.users:
+        row = many_users(args.users, args.alone, work)
+        print(json.dumps(row))
+        if args.json:
+            args.json.write_text(json.dumps(row, indent=1) + "\n")
+        return
     res: dict = {"device": args.device, "steps_timed": args.steps, "runs": []}
     for arch in args.arch or ["ViT-B-16", "ViT-L-14"]:
         t = time.time()

@@ -37,7 +37,7 @@ from score import decoded_pixels, make_shards, random_bank  # noqa: E402
 
 from laionfilter.bank import resolve_bank  # noqa: E402
 from laionfilter.formats import PROFILE_FORMAT  # noqa: E402
-from laionfilter.learn import tuned_layers  # noqa: E402
+from laionfilter.start import tuned_layers  # noqa: E402
 from laionfilter.mapper import Batch  # noqa: E402
 from laionfilter.profile import Profile  # noqa: E402
 from laionfilter.scorer import MergedModels  # noqa: E402

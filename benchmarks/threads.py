@@ -26,7 +26,9 @@ threads = int(sys.argv[1])
 if threads:
     torch.set_num_threads(threads)
 from laionfilter.bank import resolve_bank
-from laionfilter.learn import Merger, fit
+from laionfilter.learn import fit
+from laionfilter.merger import Merger
+from laionfilter.objective import Scored
 from laionfilter.recipe import LearnConfig
 bank = resolve_bank("starter")
 g = torch.Generator().manual_seed(0)
@@ -34,8 +36,8 @@ pixels = torch.randn(10, 3, 64, 64, generator=g)
 scores = np.arange(10, dtype=float)
 merger = Merger(bank, torch.device("cpu"))
 t = time.perf_counter()
-r = fit(merger, pixels, scores, LearnConfig(steps=100, device="cpu"))
-print(time.perf_counter() - t, float(r["alpha"].sum()))
+r = fit(merger, Scored(pixels, scores), LearnConfig(steps=100, device="cpu", fit="backprop"))
+print(time.perf_counter() - t, float(r.alpha.sum()))
 """
 
 HOG = r"""

@@ -11,7 +11,7 @@ import time
 import click
 
 from .errors import LaionfilterError
-from .recipe import CALIBRATIONS, INITS, LOSSES, LearnConfig
+from .recipe import CALIBRATIONS, FITS, INITS, LOSSES, LearnConfig
 
 RECIPE = LearnConfig()  # every learning default, in one place (recipe.py imports no torch)
 
@@ -399,34 +399,24 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @json_option
 @click.option("--init", type=click.Choice(INITS), default=RECIPE.init, show_default=True,
               help="Coefficient initialisation: softmax(SROCC/T) over the tasks (adaptive, the paper's), uniform "
-                   "(T→∞), best task (T→0), or mixes: softmax(SROCC/T) over candidate merges (each task, each "
-                   "pair averaged, each task less half another).")
-@click.option("--temperature", type=float,
-              help=f"T of the initialisation's softmax [default: {RECIPE.temperature:g}, the paper's, for adaptive; "
-                   f"{RECIPE.mix_temperature:g} for mixes].")
-@click.option("--mix-scale", type=float, default=RECIPE.mix_scale, show_default=True,
-              help="Beyond the paper, --init mixes: the start's coefficients times this while the anchor holds them "
-                   "(weight ≥ 1, as at 10 ratings), fading to 1 with the anchor's weight.")
+                   "(T→∞) or the best task (T→0).")
+@click.option("--temperature", type=float, default=RECIPE.temperature, show_default=True,
+              help="T of the adaptive initialisation's softmax.")
 @click.option("--loss", type=click.Choice(LOSSES), default=RECIPE.loss, show_default=True,
               help="Bradley–Terry rank loss or MSE.")
 @click.option("--layer-agnostic", is_flag=True, help="One coefficient per task instead of per task and layer.")
 @click.option("--steps", type=int, default=RECIPE.steps, show_default=True)
 @click.option("--lr", type=float, default=RECIPE.lr, show_default=True, help="Start of the cosine schedule (ends at lr/10).")
 @click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True)
-@click.option("--anchor", type=float, default=RECIPE.anchor, show_default=True,
-              help=f"Beyond the paper: a penalty (anchor / support size)^{RECIPE.anchor_power:g} keeping the coefficients "
-                   f"near their start (by default weight {RECIPE.anchor_weight(10):.2g} at 10 ratings, "
-                   f"{RECIPE.anchor_weight(100):.1g} at 100); 0 (with --init adaptive) is the paper's "
-                   "recipe.")
+@click.option("--fit", type=click.Choice(FITS), default=RECIPE.fit, show_default=True,
+              help="How the steps are taken: on the model linearised in the coefficients, made again every "
+                   "--refresh steps (one forward and backward per rated image each time), or through the model at "
+                   "every step (backprop, the paper's; hundreds of times the cost).")
+@click.option("--refresh", type=int, default=RECIPE.refresh, show_default=True,
+              help="--fit linear: steps between linearisations.")
 @click.option("--folds", type=int, default=RECIPE.folds, show_default=True, help="Folds of the out-of-fold predictions.")
-@click.option("--steps-from", help="Candidate step counts, e.g. 0,100,500: the support set's out-of-fold SROCC "
-                                   "chooses one (the final fit stops there).")
-@click.option("--tol", type=float, default=RECIPE.tol, show_default=True,
-              help="Beyond the paper: where every step sees the whole support set (no more ratings than "
-                   f"--batch-size), stop once the loss has not fallen by this much for {RECIPE.patience} steps and keep "
-                   "the coefficients of the lowest loss; 0 trains every step (the paper).")
 def learn(ratings, bank_path, out, shards, tune, calibration, seed, device, threads, jobs, allow_pipe, as_json, init,
-          temperature, mix_scale, loss, layer_agnostic, steps, lr, batch_size, anchor, folds, steps_from, tol):
+          temperature, loss, layer_agnostic, steps, lr, batch_size, fit, refresh, folds):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -436,11 +426,9 @@ def learn(ratings, bank_path, out, shards, tune, calibration, seed, device, thre
     from .profile import learn_profiles
     from .bank import resolve_bank
 
-    kw = {} if temperature is None else {LearnConfig.temperature_field(init): temperature}
-    cfg = LearnConfig(init=init, loss=loss, layer_agnostic=layer_agnostic, tune=tune, steps=steps,
-                      batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration, folds=folds,
-                      steps_from=_int_list(steps_from, "--steps-from"), tol=tol,
-                      anchor=anchor, mix_scale=mix_scale, **kw)
+    cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, tune=tune,
+                      steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration,
+                      folds=folds, fit=fit, refresh=refresh)
     profiles = learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads, jobs=jobs,
                               allow_pipe=allow_pipe)
     if as_json:
@@ -454,7 +442,7 @@ def learn(ratings, bank_path, out, shards, tune, calibration, seed, device, thre
         oof = m.get("out_of_fold")
         click.echo(f"{profile.path}: {m['ratings']['images']} images, support SROCC {m['support_srocc_before']:.3f} → "
                    f"{m['support_srocc_after']:.3f}"
-                   + (f", out-of-fold {oof['srocc'][str(oof['steps_chosen'])]:.3f} at {oof['steps_chosen']} steps" if oof else "")
+                   + (f", out-of-fold {oof['srocc']:.3f}" if oof else "")
                    + (f", calibrated ({m['calibration']['kind']})" if "calibration" in m else "")
                    + f" ({m['learn_seconds']:.0f} s)")
 
@@ -481,11 +469,10 @@ def inspect(profile_path, as_json, plot):
         return
     click.echo(f"profile {info['name']!r} on bank {info['bank']['fingerprint'][:16]} ({info['bank']['path']})")
     c = info["config"]
-    click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={info['start_temperature']}, "
-               f"scale {info['start_scale']:.3g}), loss {c['loss']}, "
-               f"{'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps"
-               + (f" (the loss settled at step {settled})" if (settled := info["loss_curve"].get("converged_at")) else "")
-               + f", seed {c['seed']}")
+    fitted = f"{c.get('fit', 'backprop')} fit" + (f", refreshed every {c['refresh']}" if c.get("fit") == "linear" else "")
+    click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={info['start_temperature']}), "
+               f"loss {c['loss']}, {'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps "
+               f"({fitted}), seed {c['seed']}")
     w = max(len(t["name"]) for t in info["tasks"])
     click.echo(f"\n  {'task':<{w}}  zero-shot SROCC  α init  α mean  α min..max")
     for t in info["tasks"]:
@@ -512,8 +499,8 @@ def inspect(profile_path, as_json, plot):
                                       "instead of the paper's ablations.")
 @click.option("--select", "selections", help="Compare ways of choosing the K images to rate (random,active,active+fit), "
                                              "with the default recipe, instead of the paper's ablations.")
-@click.option("--steps-from", help="Also the default recipe choosing its step count among these (e.g. 0,100,250,500) "
-                                   "by out-of-fold SROCC, as learn --steps-from.")
+@click.option("--methods", "names", help="Only these methods, by the names the table gives them, separated by "
+                                         "semicolons (default: every method; an unknown name lists them).")
 @seed_option()
 @device_option()
 @json_option
@@ -521,7 +508,7 @@ def inspect(profile_path, as_json, plot):
 @click.option("--plot", type=click.Path(dir_okay=False), help="Per-user results as a PNG.")
 @threads_option
 @jobs_option
-def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_from, seed, device, as_json, out, plot,
+def evaluate(table, bank_path, shots, trials, steps, tunes, selections, names, seed, device, as_json, out, plot,
              threads, jobs):
     """Evaluate personalisation on a table of user, image, score (the paper's protocol, section 4.4).
 
@@ -529,8 +516,7 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_fr
     Example:
       laionfilter evaluate realcur.csv --bank bank/ --shots 10,100 --trials 10 --out results.json
     """
-    from .evaluate import (default_methods, evaluate as run, evaluate_selection, markdown_table, plot_per_user,
-                           tune_methods, with_steps_from)
+    from .evaluate import evaluate as run, evaluate_selection, markdown_table, methods_named, plot_per_user, tune_methods
     from .safefiles import write_json
     from .bank import resolve_bank
 
@@ -540,8 +526,8 @@ def evaluate(table, bank_path, shots, trials, steps, tunes, selections, steps_fr
         result = evaluate_selection(table, resolve_bank(bank_path), ks, trials, base, tuple(selections.split(",")),
                                     seed=seed, device=device, threads=threads, jobs=jobs)
     else:
-        methods = tune_methods(base, tunes.split(",")) if tunes else default_methods(base)
-        methods = with_steps_from(methods, base, _int_list(steps_from, "--steps-from"))
+        methods = (tune_methods(base, tunes.split(",")) if tunes
+                   else methods_named(base, [m.strip() for m in names.split(";")] if names else None))
         result = run(table, resolve_bank(bank_path), ks, trials, methods, seed=seed, device=device, threads=threads,
                      jobs=jobs)
     if as_json:

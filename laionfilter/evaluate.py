@@ -23,7 +23,9 @@ from .bank import Bank
 from .errors import LaionfilterError
 from .calibrate import fit_calibration
 from .jobs import fit_processes, learning_threads, run_jobs
-from .learn import Merger, fit_recipe, pair_agreement
+from .learn import fit_recipe
+from .merger import Merger
+from .objective import Paired, Scored, pair_agreement
 from .log import note, progress_bar
 from .metrics import ranks_anything, srocc
 from .model import eval_transform, pick_device
@@ -35,45 +37,42 @@ SELECTIONS = ("random", "active", "active+fit")
 BEST_SINGLE = "best single task"
 
 
+def paper_recipe(base: LearnConfig) -> LearnConfig:
+    """The paper's recipe with ``base``'s steps, seed and device: the adaptive start, and every step
+    through the model (fit "backprop"); uncalibrated, as the paper has it."""
+    return replace(base, init="adaptive", fit="backprop", calibration="none")
+
+
+# Every method ``evaluate`` knows, by the name its tables use: each makes the method from the recipe
+# the run is based on (its steps, seed, device): a LearnConfig (learned coefficients), or a zero-shot
+# baseline's name. ``laionfilter evaluate --methods`` and the benchmarks choose from these.
+METHODS: dict[str, Callable[[LearnConfig], LearnConfig | str]] = {
+    ZERO_SHOT: lambda base: ZERO_SHOT,
+    BEST_SINGLE: lambda base: BEST_SINGLE,
+    "merged at init (0 steps)": lambda base: replace(paper_recipe(base), steps=0),
+    "the paper's recipe": paper_recipe,
+    "uniform init": lambda base: replace(paper_recipe(base), init="uniform"),
+    "best-fit init": lambda base: replace(paper_recipe(base), init="best-fit"),
+    "layer-agnostic": lambda base: replace(paper_recipe(base), layer_agnostic=True),
+    "MSE loss": lambda base: replace(paper_recipe(base), loss="mse"),
+    "the default": lambda base: base,
+}
+
+
+def methods_named(base: LearnConfig, names: list[str] | None = None) -> dict[str, LearnConfig | str]:
+    """``METHODS`` (all, or those ``names``) made from ``base``; a clear error for a name it lacks."""
+    names = list(METHODS) if names is None else names
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise LaionfilterError(f"unknown method(s) {', '.join(map(repr, unknown))}; choose from "
+                               f"{', '.join(map(repr, METHODS))}")
+    return {n: METHODS[n](base) for n in names}
+
+
 def tune_methods(base: LearnConfig, tunes: list[str]) -> dict[str, LearnConfig | str]:
     """The zero-shot baselines and ``base`` (the default recipe) learned with each ``--tune`` value."""
-    return {ZERO_SHOT: ZERO_SHOT, BEST_SINGLE: BEST_SINGLE,
-            **{f"default recipe, tune {t}": replace(base, tune=t, calibration="none") for t in tunes}}
-
-
-def with_steps_from(methods: dict[str, LearnConfig | str], base: LearnConfig, steps_from: tuple[int, ...]
-                    ) -> dict[str, LearnConfig | str]:
-    """``methods`` plus ``base`` choosing its step count among ``steps_from`` by out-of-fold SROCC
-    (calibrated as the default recipe is)."""
-    if not steps_from:
-        return methods
-    name = f"default recipe, steps from {','.join(map(str, steps_from))} by out-of-fold SROCC"
-    return {**methods, name: replace(base, steps_from=tuple(steps_from), calibration=LearnConfig().calibration)}
-
-
-def default_methods(base: LearnConfig) -> dict[str, LearnConfig | str]:
-    """Method name → a LearnConfig (learned coefficients) or a zero-shot baseline's name.
-
-    The paper's recipe and its ablations run without the anchor (``anchor=0``) and without what the
-    support set chooses or calibrates, as the paper has them; ``base`` is the tool's default recipe.
-    """
-    paper = replace(base, init="adaptive", anchor=0.0, calibration="none", steps_from=(), tol=0.0)
-    return {
-        ZERO_SHOT: ZERO_SHOT,
-        BEST_SINGLE: BEST_SINGLE,
-        "merged at init (adaptive, 0 steps)": replace(paper, steps=0),
-        "learned, adaptive init (the paper)": paper,
-        "learned, uniform init": replace(paper, init="uniform"),
-        "learned, best-fit init": replace(paper, init="best-fit"),
-        "layer-agnostic (adaptive)": replace(paper, layer_agnostic=True),
-        "MSE loss (adaptive)": replace(paper, loss="mse"),
-        default_name(base): base,
-    }
-
-
-def default_name(cfg: LearnConfig) -> str:
-    """The name under which ``default_methods`` reports the default recipe ``cfg``."""
-    return f"learned, {cfg.init} init, anchor ({cfg.anchor:g}/N)^{cfg.anchor_power:g}"
+    return {**methods_named(base, [ZERO_SHOT, BEST_SINGLE]),
+            **{f"the default, tune {t}": replace(base, tune=t, calibration="none") for t in tunes}}
 
 
 def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10, 100), trials: int = 10,
@@ -84,7 +83,7 @@ def evaluate(table: str | os.PathLike, bank: Bank, shots: tuple[int, ...] = (10,
     ``jobs`` splits run at once (default: see ``jobs.fit_processes``); the numbers are the same."""
     dev = pick_device(device)
     with learning_threads(bank, threads):
-        methods = methods or default_methods(LearnConfig(device=str(dev)))
+        methods = methods or methods_named(LearnConfig(device=str(dev)))
         supports = read_ratings(table, eval_transform(bank.architecture)).supports
         merger = Merger(bank, dev)
         processes = fit_processes(merger, jobs)
@@ -133,28 +132,25 @@ def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, m
             return []
         on_support = lambda pred: srocc(y_sup, pred[sup_idx])  # noqa: E731
         on_test = lambda pred: srocc(sup.scores[test_idx], pred[test_idx])  # noqa: E731
-        data = dict(pixels=sup.pixels[sup_idx], scores=y_sup, pairs=None, task_preds=task_preds[:, sup_idx])
+        support, support_preds = Scored(sup.pixels[sup_idx], y_sup), task_preds[:, sup_idx]
     else:  # K answered pairs; the other pairs are the test set, agreement in place of SROCC
         on_support = lambda pred: pair_agreement(sup.pairs[sup_idx], pred)  # noqa: E731
         on_test = lambda pred: pair_agreement(sup.pairs[test_idx], pred)  # noqa: E731
-        data = dict(pixels=sup.pixels, scores=None, pairs=sup.pairs[sup_idx], task_preds=task_preds)
+        support, support_preds = Paired(sup.pixels, sup.pairs[sup_idx]), task_preds
     zs = [on_support(p) for p in task_preds]
     runs = []
     for name, method in methods.items():
-        r: dict[str, Any] = {}  # what a learned method reports beyond its predictions
+        r = None  # a learned method's Fit
         if method == ZERO_SHOT:
             pred = task_preds.mean(axis=0)
         elif method == BEST_SINGLE:
             pred = task_preds[int(np.argmax(zs))]
         else:
-            r = fit_recipe(merger, data["pixels"], data["scores"], replace(method, seed=trial_seed),
-                           task_preds=data["task_preds"], pairs=data["pairs"], on_step=on_step)
-            pred = merger.predict(r["alpha"], sup.pixels)
+            r = fit_recipe(merger, support, replace(method, seed=trial_seed), task_preds=support_preds, on_step=on_step)
+            pred = merger.predict(r.alpha, sup.pixels)
         run = {"user": sup.user, "shots": k, "trial": trial, "method": name, "srocc": on_test(pred)}
-        if "steps_chosen" in r:
-            run["steps_chosen"] = r["steps_chosen"]
-        if "oof" in r:
-            run["mae"] = rating_errors(r["oof"], data["scores"], pred[test_idx], sup.scores[test_idx])
+        if r is not None and r.oof is not None:
+            run["mae"] = rating_errors(r.oof, support.scores, pred[test_idx], sup.scores[test_idx])
         runs.append(run)
     return runs
 
@@ -197,7 +193,7 @@ def _steps(method: LearnConfig | str, k: int, scored: bool) -> int:
     if not isinstance(method, LearnConfig):
         return 1
     folds = min(method.folds, k) if scored and method.uses_folds else 0
-    return max(1, max(method.steps_from, default=method.steps) * folds + method.steps)
+    return max(1, method.steps * (folds + 1))
 
 
 def rating_errors(oof: np.ndarray, y_support: np.ndarray, pred_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
@@ -270,11 +266,11 @@ def selection_runs(merger: Merger, sup: Support, u_index: int, trial: int, k: in
         else:  # active+fit: two rounds, the second chosen by the first's fit
             first = select_active(task_preds[:, pool], k // 2)
             y = sup.scores[pool[first]]
-            preds = (fit_predictions(merger, sup.pixels[pool[first]], y, cfg, sup.pixels[pool]) if can_fit(y)
+            preds = (fit_predictions(merger, Scored(sup.pixels[pool[first]], y), cfg, sup.pixels[pool]) if can_fit(y)
                      else task_preds[:, pool])
             picked = np.sort(pool[first + select_active(preds, k - len(first), rated=first)])
-        r = fit_recipe(merger, sup.pixels[picked], sup.scores[picked], cfg, task_preds=task_preds[:, picked])
-        pred = merger.predict(r["alpha"], sup.pixels[test])
+        r = fit_recipe(merger, Scored(sup.pixels[picked], sup.scores[picked]), cfg, task_preds=task_preds[:, picked])
+        pred = merger.predict(r.alpha, sup.pixels[test])
         runs.append({"user": sup.user, "shots": k, "trial": trial, "method": sel, "srocc": srocc(sup.scores[test], pred)})
         if on_step:
             on_step(1)
@@ -302,9 +298,6 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 mae_per_trial = {c: [np.mean([r["mae"][c] for r in rows if r["trial"] == t]) for t in trials] for c in kinds}
                 entry["mae"] = {c: float(np.mean(v)) for c, v in mae_per_trial.items()}
                 entry["mae_std_over_trials"] = {c: float(np.std(v)) for c, v in mae_per_trial.items()}
-            if all("steps_chosen" in r for r in rows):
-                entry["steps_chosen"] = {str(s): sum(r["steps_chosen"] == s for r in rows)
-                                         for s in sorted({r["steps_chosen"] for r in rows})}
             out.append(entry)
     return out
 

@@ -6,8 +6,9 @@ every use of it checks that fingerprint first.
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,12 @@ from .errors import LaionfilterError
 from .formats import PROFILE_FORMAT, validate
 from .calibrate import Calibration
 from .jobs import fit_processes, learning_threads
-from .learn import Merger, fit_recipe, learn_device
+from .fit import Fit
+from .jobs import run_jobs
+from .learn import fit_recipe, fit_recipes, learn_device
+from .log import progress_bar
+from .merger import Merger
+from .objective import Paired, Scored
 from .log import note
 from .model import ScoreModel, eval_transform
 from .names import check_name, child_path
@@ -103,46 +109,76 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
         merger = Merger(bank, learn_device(cfg))
         processes = fit_processes(merger, jobs)
         written = []
+        supports = [Scored(sup.pixels, sup.scores) if sup.pairs is None else Paired(sup.pixels, sup.pairs)
+                    for sup in table.supports]
         for sup in table.supports:
             if len(sup.images) < 10:
                 note(f"user {sup.user!r}: {len(sup.images)} images; the method is meant for 10 or more")
-            result = fit_recipe(merger, sup.pixels, sup.scores, cfg, pairs=sup.pairs, progress=progress,
-                                desc=f"learn {sup.user}", processes=processes)
-            meta = {
-                "format": PROFILE_FORMAT,
-                "laionfilter_version": __version__,
-                "name": sup.user,
-                "bank": {"fingerprint": bank.fingerprint, "path": str(bank.path.resolve()),
-                         "architecture": bank.manifest["architecture"]["name"]},
-                "tasks": [t["name"] for t in bank.tasks],
-                "layers": len(bank.layers),
-                "config": cfg.to_json(),
-                "init": {"method": cfg.init, "temperature": cfg.start_temperature,
-                         "scale": result["start_scale"],
-                         # the start of a learned layer (the others hold 1/n, see "tune")
-                         "alpha_per_task": result["alpha_init"][:, int(result["tuned"].nonzero()[0])].tolist(),
-                         "tune": cfg.tune, "fixed_layers": int((~result["tuned"]).sum()), "fixed_value": 1.0 / bank.n},
-                "zero_shot_srocc": dict(zip([t["name"] for t in bank.tasks], result["zero_shot_srocc"])),
-                "support_srocc_before": result["support_srocc_before"],
-                "support_srocc_after": result["support_srocc_after"],
-                "loss_curve": result["loss_curve"],
-                "seed": cfg.seed,
-                "ratings": {"path": str(ratings), "sha256": table.sha256, "images": len(sup.images),
-                            **({"score_min": float(np.min(sup.scores)), "score_max": float(np.max(sup.scores))}
-                               if sup.pairs is None else {"pairs": len(sup.pairs), "ties": len(sup.ties)})},
-                "support_metric": "SROCC" if sup.pairs is None else "pair agreement (2·fraction ordered − 1)",
-                "learn_seconds": result["seconds"],
-            }
-            if "oof_srocc" in result:
-                meta["out_of_fold"] = {"folds": result["folds"], "srocc": result["oof_srocc"],
-                                       "steps_chosen": result["steps_chosen"]}
-            if "calibration" in result:
-                meta["calibration"] = result["calibration"].to_json()
-            path = child_path(out, sup.user, ".profile", "user") if multi else out
-            profile = Profile(result["alpha"], meta)
-            profile.save(path)
-            written.append(profile)
+        if cfg.fit == "linear" and len(supports) > 1:
+            # users side by side: each group's users split over the processes, written once the group is
+            # done (an interruption loses one group's fits at most)
+            group = processes * USERS_PER_JOB
+            bar = progress_bar(total=len(supports), desc="learn", unit="user", disable=not progress)
+            for g in range(0, len(supports), group):
+                part = supports[g:g + group]
+                work = [functools.partial(_fit_users, merger, part[k::processes], cfg) for k in range(processes)]
+                fits: list = [None] * len(part)
+                for k, done in enumerate(run_jobs(work, processes)):
+                    fits[k::processes] = done
+                for sup, result in zip(table.supports[g:g + group], fits):
+                    written.append(_save(sup, result, out, multi, bank, cfg, ratings, table.sha256))
+                bar.update(len(part))
+            bar.close()
+        else:
+            for sup, support in zip(table.supports, supports):
+                result = fit_recipe(merger, support, cfg, progress=progress, desc=f"learn {sup.user}",
+                                    processes=processes)
+                written.append(_save(sup, result, out, multi, bank, cfg, ratings, table.sha256))
         return written
+
+
+# Users per process in one group of ``learn_profiles``'s side-by-side fits.
+USERS_PER_JOB = 32
+
+
+def _fit_users(merger: Merger, supports: list, cfg: LearnConfig, on_step=None) -> list[Fit]:
+    """``fit_recipes`` of these users, without the expansions (not sent back from a worker process)."""
+    return [replace(f, linearisations=()) for f in fit_recipes(merger, supports, cfg, on_step=on_step)]
+
+
+def _save(sup, result: Fit, out: Path, multi: bool, bank: Bank, cfg: LearnConfig, ratings, sha256: str) -> Profile:
+    """The profile of one user's fit, written where ``learn_profiles`` puts it."""
+    meta = {
+        "format": PROFILE_FORMAT,
+        "laionfilter_version": __version__,
+        "name": sup.user,
+        "bank": {"fingerprint": bank.fingerprint, "path": str(bank.path.resolve()),
+                 "architecture": bank.manifest["architecture"]["name"]},
+        "tasks": [t["name"] for t in bank.tasks],
+        "layers": len(bank.layers),
+        "config": cfg.to_json(),
+        "init": {"method": cfg.init, "temperature": cfg.temperature,
+                 # the start of a learned layer (the others hold 1/n, see "tune")
+                 "alpha_per_task": result.alpha_init[:, int(result.tuned.nonzero()[0])].tolist(),
+                 "tune": cfg.tune, "fixed_layers": int((~result.tuned).sum()), "fixed_value": 1.0 / bank.n},
+        "zero_shot_srocc": dict(zip([t["name"] for t in bank.tasks], result.zero_shot_srocc)),
+        "support_srocc_before": result.support_srocc_before,
+        "support_srocc_after": result.support_srocc_after,
+        "loss_curve": result.loss_curve,
+        "seed": cfg.seed,
+        "ratings": {"path": str(ratings), "sha256": sha256, "images": len(sup.images),
+                    **({"score_min": float(np.min(sup.scores)), "score_max": float(np.max(sup.scores))}
+                       if sup.pairs is None else {"pairs": len(sup.pairs), "ties": len(sup.ties)})},
+        "support_metric": "SROCC" if sup.pairs is None else "pair agreement (2·fraction ordered − 1)",
+        "learn_seconds": result.seconds,
+    }
+    if result.calibration is not None:
+        meta["out_of_fold"] = {"folds": result.folds, "srocc": result.oof_srocc}
+        meta["calibration"] = result.calibration.to_json()
+    path = child_path(out, sup.user, ".profile", "user") if multi else out
+    profile = Profile(result.alpha, meta)
+    profile.save(path)
+    return profile
 
 
 def profile_summary(profile: Profile) -> dict[str, Any]:
@@ -158,7 +194,6 @@ def profile_summary(profile: Profile) -> dict[str, Any]:
         "support_srocc_after": m["support_srocc_after"],
         "config": m["config"],
         "start_temperature": m["init"]["temperature"],
-        "start_scale": m["init"].get("scale", 1.0),  # profiles learned before the scale have none: 1
         "ratings": m["ratings"],
         "loss_curve": {k: v for k, v in m["loss_curve"].items() if k != "values"},
         "out_of_fold": m.get("out_of_fold"),

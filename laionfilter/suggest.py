@@ -57,14 +57,13 @@ def select_active(preds: np.ndarray, k: int, rated: list[int] | None = None) -> 
 MIN_RATINGS = 4
 
 
-def fit_predictions(merger, rated_pixels, rated_scores: np.ndarray, cfg, pixels, processes: int = 1) -> np.ndarray:
+def fit_predictions(merger, rated, cfg, pixels, processes: int = 1) -> np.ndarray:
     """[folds, M]: the predictions on ``pixels`` of the recipe ``cfg`` fitted on each fold of the
-    ratings so far (``learn.fold_fits``, ``processes`` fits at once); ``select_active`` on them picks
-    where those fits disagree."""
+    ratings so far (``rated``, an ``objective.Scored``; ``learn.fold_fits``, ``processes`` fits at once);
+    ``select_active`` on them picks where those fits disagree."""
     from .learn import fold_fits
 
-    return np.stack([merger.predict(r["alpha_at"][cfg.steps], pixels)
-                     for _, r in fold_fits(merger, rated_pixels, rated_scores, cfg, processes=processes)])
+    return np.stack([merger.predict(r.alpha, pixels) for _, r in fold_fits(merger, rated, cfg, processes=processes)])
 
 
 def can_fit(scores: np.ndarray) -> bool:
@@ -75,7 +74,7 @@ def task_predictions_of(items, bank, device: str = "auto", merger=None) -> tuple
     """The bank's task models' predictions [n, M] for the images among ``items`` that decode, which
     items those are, and their pixels."""
     from .images import ImageDecodeError, Preprocessor
-    from .learn import Merger
+    from .merger import Merger
     from .log import note
     from .model import pick_device
 
@@ -132,7 +131,8 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
     ``jobs`` of them at once, default: see ``jobs.fit_processes``)."""
     from .errors import LaionfilterError
     from .jobs import fit_processes, learning_threads
-    from .learn import Merger
+    from .merger import Merger
+    from .objective import Scored
     from .recipe import LearnConfig
     from .log import note
     from .model import pick_device
@@ -153,7 +153,7 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
                                    f"{ratings or 'no ratings file'} has {len(scored)}")
         note(f"{ratings}: {len(scored)} ratings; choosing where {min(recipe.folds, len(scored))} fits of them disagree")
         with learning_threads(bank):
-            preds = fit_predictions(merger, pixels[scored], y, recipe, pixels, fit_processes(merger, jobs))
+            preds = fit_predictions(merger, Scored(pixels[scored], y), recipe, pixels, fit_processes(merger, jobs))
     labels = [items[kept[j]].label for j in select_active(preds, n, rated)]
     if out:
         from .safefiles import atomic_write

@@ -1,5 +1,7 @@
-"""Scores in the user's own scale: the calibration map, the out-of-fold fits it is fitted on, the step
-count the support set chooses, and the rating column from learn through score to select."""
+"""Scores in the user's own scale: the calibration map, the out-of-fold fits it is fitted on, and the
+rating column from learn through score to select."""
+
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +16,11 @@ from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
 from laionfilter.evaluate import rating_errors
 from laionfilter.jobs import learning_threads
-from laionfilter.learn import Merger, fit, fit_recipe, out_of_fold
+from laionfilter.learn import fit
+from laionfilter.learn import fit_recipe, fold_fits, oof_predictions
+from laionfilter.merger import Merger
+from laionfilter.metrics import srocc
+from laionfilter.objective import Scored
 from laionfilter.recipe import LearnConfig
 from laionfilter.model import eval_transform
 from laionfilter.profile import Profile, learn_profiles, load_profile
@@ -75,58 +81,52 @@ def support(small_bank, ratings_csv):
     return Merger(small_bank, torch.device("cpu")), sup
 
 
-def test_checkpoints_keep_alpha_on_the_full_schedule_and_the_fit_stops_at_the_last(support):
-    merger, sup = support
-    cfg = LearnConfig(steps=12, device="cpu")
-    full = fit(merger, sup.pixels, sup.scores, cfg, checkpoints=(0, 5, 12))
-    assert torch.equal(full["alpha_at"][0], full["alpha_init"])
-    assert not torch.equal(full["alpha_at"][5], full["alpha_at"][12])  # copies, not views of the moving α
-    assert torch.equal(full["alpha_at"][12], fit(merger, sup.pixels, sup.scores, cfg)["alpha"])
-    stopped = fit(merger, sup.pixels, sup.scores, cfg, checkpoints=(5,))
-    assert stopped["loss_curve"]["steps"] == 5 and torch.equal(stopped["alpha"], full["alpha_at"][5])
-
-
-def test_each_image_is_scored_by_a_fit_that_never_saw_it(support, monkeypatch):
+@pytest.mark.parametrize("how", ["backprop", "linear"])
+def test_each_image_is_scored_by_a_fit_that_never_saw_it(support, monkeypatch, how):
     merger, sup = support
     seen = []
-    real_fit = learn_module.fit
+    spied = "fit" if how == "backprop" else "fit_linear"
+    real = getattr(learn_module, spied)
 
-    def spy(merger, pixels, scores, cfg, **kw):
-        seen.append({tuple(p.flatten()[:8].tolist()) for p in pixels})
-        return real_fit(merger, pixels, scores, cfg, **kw)
+    def spy(merger, supports, cfg, *args, **kw):
+        for s in supports if isinstance(supports, list) else [supports]:
+            seen.append({tuple(p.flatten()[:8].tolist()) for p in s.pixels})
+        return real(merger, supports, cfg, *args, **kw)
 
-    monkeypatch.setattr(learn_module, "fit", spy)
-    oof = out_of_fold(merger, sup.pixels, sup.scores, LearnConfig(steps=2, device="cpu", folds=4), steps=(0, 2))
-    assert len(seen) == 4 and set(oof) == {0, 2}
+    cfg = LearnConfig(steps=2, device="cpu", folds=4, fit=how)
+    final = fit(merger, Scored(sup.pixels, sup.scores), cfg) if how == "linear" else None
+    monkeypatch.setattr(learn_module, spied, spy)
+    folds = fold_fits(merger, Scored(sup.pixels, sup.scores), cfg, final=final)
+    oof = oof_predictions(merger, sup.pixels, folds)
+    assert len(seen) == 4
     images = [tuple(p.flatten()[:8].tolist()) for p in sup.pixels]
     held_out = [[im for im in images if im not in trained] for trained in seen]
     assert sorted(i for fold in held_out for i in fold) == sorted(images)  # every image held out exactly once
-    # At step 0 a fold's prediction is its merged-at-init model, started from its own training images.
-    fold_preds = merger.task_predictions(sup.pixels)
-    for fold in held_out:
-        idx = [images.index(im) for im in fold]
-        train = [i for i in range(len(images)) if i not in idx]
-        start = real_fit(merger, sup.pixels[train], sup.scores[train], LearnConfig(steps=0, device="cpu"),
-                         task_preds=fold_preds[:, train])["alpha"]
-        np.testing.assert_allclose(oof[0][idx], merger.predict(start, sup.pixels[idx]), rtol=1e-5, atol=1e-6)
+    for (held, r), fold in zip(folds, held_out):
+        assert sorted(images[i] for i in held) == sorted(fold)
+        np.testing.assert_allclose(oof[held], merger.predict(r.alpha, sup.pixels[held]), rtol=1e-6)
+    # a fold's start is chosen on its own training images
+    for held, r in folds:
+        train = np.setdiff1d(np.arange(len(images)), held)
+        own = fit(merger, Scored(sup.pixels[train], sup.scores[train]), replace(cfg, steps=0, fit="backprop"))
+        assert torch.equal(r.alpha_init, own.alpha_init)
 
 
-@pytest.mark.parametrize("steps_from", [(), (0, 4)])
-def test_fits_run_side_by_side_give_the_same_result_as_one_after_another(support, steps_from):
+def test_fits_run_side_by_side_give_the_same_result_as_one_after_another(support):
     merger, sup = support
-    cfg = LearnConfig(steps=4, device="cpu", folds=3, calibration="linear", steps_from=steps_from)
+    cfg = LearnConfig(steps=4, device="cpu", folds=3, calibration="linear", fit="backprop")
     results, told = {}, {}
     with learning_threads(merger.bank, 1):  # side by side, each fit runs on one thread
         for processes in (1, 2):
             steps = []
-            results[processes] = fit_recipe(merger, sup.pixels, sup.scores, cfg, on_step=steps.append,
+            results[processes] = fit_recipe(merger, Scored(sup.pixels, sup.scores), cfg, on_step=steps.append,
                                             processes=processes)
             told[processes] = sum(steps)
     one, two = results[1], results[2]
-    assert torch.equal(one["alpha"], two["alpha"])
-    assert np.array_equal(one["oof"], two["oof"]) and one["steps_chosen"] == two["steps_chosen"]
-    assert one["calibration"] == two["calibration"]
-    assert told[1] == told[2] == 3 * 4 + one["steps_chosen"]  # every fold's steps and the final fit's, reported
+    assert torch.equal(one.alpha, two.alpha)
+    assert np.array_equal(one.oof, two.oof)
+    assert one.calibration == two.calibration
+    assert told[1] == told[2] == 3 * 4 + 4  # every fold's steps and the final fit's, reported
 
 
 def test_jobs_must_be_positive_and_run_on_one_thread_each(ratings_csv, small_bank, tmp_path, monkeypatch):
@@ -143,27 +143,23 @@ def test_jobs_must_be_positive_and_run_on_one_thread_each(ratings_csv, small_ban
     assert not (tmp_path / "p.profile").exists()
 
 
-def test_the_support_set_chooses_the_step_count_and_the_profile_records_why(support, ratings_csv, small_bank, tmp_path):
+@pytest.mark.parametrize("how", ["backprop", "linear"])
+def test_the_profile_records_the_out_of_fold_fits_and_their_calibration(support, ratings_csv, small_bank, tmp_path, how):
     merger, sup = support
-    cfg = LearnConfig(steps=8, device="cpu", steps_from=(8, 0, 4), folds=3, calibration="linear")
-    assert cfg.steps_from == (0, 4, 8)
-    r = fit_recipe(merger, sup.pixels, sup.scores, cfg)
-    best = max(r["oof_srocc"].values())
-    assert r["oof_srocc"][str(r["steps_chosen"])] == best
-    assert r["steps_chosen"] == min(int(s) for s, v in r["oof_srocc"].items() if v == best)
-    assert r["loss_curve"].get("steps", 0) <= r["steps_chosen"]
-    assert r["calibration"].kind == "linear"
-    assert r["calibration"] == fit_calibration(r["oof"], sup.scores, "linear")
+    cfg = LearnConfig(steps=8, device="cpu", folds=3, calibration="linear", fit=how, refresh=3)
+    r = fit_recipe(merger, Scored(sup.pixels, sup.scores), cfg)
+    assert r.folds == 3 and r.oof_srocc == pytest.approx(srocc(sup.scores, r.oof))
+    assert r.calibration == fit_calibration(r.oof, sup.scores, "linear")
+    if how == "linear":
+        assert len(r.linearisations) == 3  # steps 0, 3 and 6
     # learn runs on one thread here, the fit above on torch's default: equal up to float rounding
     profile = learn_profiles(ratings_csv, small_bank, tmp_path / "p.profile", cfg, progress=False)[0]
     meta = load_profile(profile.path).meta
-    assert meta["out_of_fold"]["folds"] == 3 and meta["out_of_fold"]["steps_chosen"] == r["steps_chosen"]
-    assert meta["out_of_fold"]["srocc"] == pytest.approx(r["oof_srocc"], abs=1e-6)
+    assert meta["out_of_fold"]["folds"] == 3
+    assert meta["out_of_fold"]["srocc"] == pytest.approx(r.oof_srocc, abs=1e-5)
     cal = load_profile(profile.path).calibration
-    assert (cal.kind, cal.low, cal.high) == ("linear", r["calibration"].low, r["calibration"].high)
-    assert (cal.slope, cal.intercept) == pytest.approx((r["calibration"].slope, r["calibration"].intercept), rel=1e-5)
-    with pytest.raises(LaionfilterError, match="between 0 and steps"):
-        LearnConfig(steps=8, steps_from=(0, 9))
+    assert (cal.kind, cal.low, cal.high) == ("linear", r.calibration.low, r.calibration.high)
+    assert (cal.slope, cal.intercept) == pytest.approx((r.calibration.slope, r.calibration.intercept), rel=1e-4)
 
 
 def test_rating_errors_against_hand_computed_baselines():

@@ -5,15 +5,15 @@ import pytest
 from click.testing import CliRunner
 
 from laionfilter.cli import cli
-from laionfilter.evaluate import (BEST_SINGLE, ZERO_SHOT, default_methods, evaluate, markdown_table, split_runs,
+from laionfilter.errors import LaionfilterError
+from laionfilter.evaluate import (BEST_SINGLE, ZERO_SHOT, evaluate, markdown_table, methods_named, split_runs,
                                   summarise)
 from laionfilter.recipe import LearnConfig
 from laionfilter.metrics import srocc
 
 
 def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
-    methods = {k: v for k, v in default_methods(LearnConfig(steps=2, device="cpu")).items()
-               if k in (ZERO_SHOT, BEST_SINGLE, "learned, adaptive init (the paper)")}
+    methods = methods_named(LearnConfig(steps=2, device="cpu"), [ZERO_SHOT, BEST_SINGLE, "the paper's recipe"])
     result = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False, jobs=1)
     runs = result["runs"]
     assert {r["user"] for r in runs} == {"ann", "bob"} and len(runs) == 2 * 2 * 3
@@ -21,7 +21,7 @@ def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
     # (seeded by seed, user index, K and trial).
     import numpy as np
 
-    from laionfilter.learn import Merger
+    from laionfilter.merger import Merger
     from laionfilter.model import eval_transform
     from laionfilter.ratings import read_ratings
 
@@ -42,7 +42,7 @@ def test_protocol_pairs_splits_and_summarises(users_table, small_bank):
     again = evaluate(users_table, small_bank, shots=(5,), trials=2, methods=methods, progress=False, jobs=2)
     assert again["runs"] == runs  # seeded: same splits, same numbers, in the same order, two splits at a time
     # One split run alone, on a fresh merger, gives that split's runs of the whole evaluation: a
-    # benchmark may farm splits out to processes (benchmarks/at_scale.py).
+    # benchmark may farm splits out to processes.
     alone = split_runs(Merger(small_bank, __import__("torch").device("cpu")), sups[1], 1, 5, 1, methods, 0,
                        merger.task_predictions(sups[1].pixels))
     assert alone == [r for r in runs if r["user"] == sups[1].user and r["trial"] == 1]
@@ -66,21 +66,30 @@ def test_too_few_images_for_the_shots_are_skipped_with_a_note(users_table, small
 
 def test_cli_evaluate(users_table, small_bank, tmp_path):
     r = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "5",
-                                 "--trials", "1", "--steps", "2", "--device", "cpu", "--steps-from", "0,2",
+                                 "--trials", "1", "--steps", "2", "--device", "cpu",
                                  "--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "r.json").read_text())
-    assert len(data["runs"]) == 2 * len(data["methods"])
+    assert len(data["runs"]) == 2 * len(data["methods"]) and "the paper's recipe" in data["methods"]
     assert all(f"| {name} |" in r.output for name in data["methods"])
-    chosen = [run for run in data["runs"] if run["method"] == "default recipe, steps from 0,2 by out-of-fold SROCC"]
-    assert len(chosen) == 2 and all(run["steps_chosen"] in (0, 2) and run["mae"]["isotonic"] >= 0 for run in chosen)
+    default = [run for run in data["runs"] if run["method"] == "the default"]
+    assert len(default) == 2 and all(run["mae"]["isotonic"] >= 0 for run in default)  # calibrated, as learn
     assert "Rating MAE" in r.output
     printed = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "5",
-                                       "--trials", "1", "--steps", "2", "--device", "cpu", "--steps-from", "0,2", "--json"])
+                                       "--trials", "1", "--steps", "2", "--device", "cpu", "--json"])
     assert json.loads(printed.stdout)["runs"] == data["runs"]  # --json prints what --out writes
     assert (tmp_path / "p.png").stat().st_size > 1000
     r = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "x"])
     assert r.exit_code == 2 and "comma-separated" in r.output
+    some = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--shots", "5",
+                                    "--trials", "1", "--steps", "2", "--device", "cpu", "--json",
+                                    "--methods", "the paper's recipe; the default"])
+    assert some.exit_code == 0, some.output
+    assert sorted(json.loads(some.stdout)["methods"]) == ["the default", "the paper's recipe"]
+    bad = CliRunner().invoke(cli, ["evaluate", str(users_table), "--bank", str(small_bank.path), "--methods", "paper"])
+    assert bad.exit_code != 0 and "unknown method(s) 'paper'; choose from" in bad.output and "'MSE loss'" in bad.output
+    with pytest.raises(LaionfilterError, match="unknown method"):
+        methods_named(LearnConfig(), ["nope"])
 
 
 def test_srocc_handles_constant_inputs():
@@ -89,7 +98,7 @@ def test_srocc_handles_constant_inputs():
 
 
 def test_a_pairs_file_is_evaluated_over_pairs_with_agreement(ratings_csv, small_bank, tmp_path):
-    from laionfilter.learn import pair_agreement
+    from laionfilter.objective import pair_agreement
 
     shutil.copytree(ratings_csv.parent / "img", tmp_path / "img")
     rated = [line.split(",") for line in ratings_csv.read_text().splitlines()[1:]]
@@ -102,7 +111,7 @@ def test_a_pairs_file_is_evaluated_over_pairs_with_agreement(ratings_csv, small_
     import numpy as np
     import torch
 
-    from laionfilter.learn import Merger
+    from laionfilter.merger import Merger
     from laionfilter.model import eval_transform
     from laionfilter.ratings import read_ratings
 

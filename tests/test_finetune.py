@@ -6,7 +6,7 @@ import torch
 
 from laionfilter.train import finetune as ft_module
 from laionfilter.errors import LaionfilterError
-from laionfilter.learn import cosine_lr
+from laionfilter.objective import cosine_lr
 from laionfilter.train.finetune import FinetuneConfig, StageConfig, finetune, load_job
 from laionfilter.safefiles import read_safetensors
 

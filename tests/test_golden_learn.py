@@ -24,11 +24,13 @@ from laionfilter.recipe import LearnConfig
 
 GOLDEN = Path(__file__).parent / "data" / "golden-learn.json"
 RATINGS = Path(__file__).parent.parent / "laionfilter" / "data" / "example" / "ratings.csv"
-PAPER = LearnConfig(init="adaptive", anchor=0.0, calibration="none", tol=0.0, steps=40, batch_size=8, device="cpu")
+PAPER = LearnConfig(init="adaptive", calibration="none", steps=40, batch_size=8, device="cpu", fit="backprop")
 
 
 def golden_fits() -> dict[str, list]:
-    from laionfilter.learn import Merger, fit
+    from laionfilter.learn import fit
+    from laionfilter.merger import Merger
+    from laionfilter.objective import Paired, Scored
 
     bank = resolve_bank("starter")
     sup = read_ratings(RATINGS, eval_transform(bank.architecture)).supports[0]
@@ -38,9 +40,9 @@ def golden_fits() -> dict[str, list]:
     pairs = pairs[sup.scores[pairs[:, 0]] > sup.scores[pairs[:, 1]]]
     with torch_threads(1):
         return {
-            "36 ratings, batch 8": fit(merger, sup.pixels, sup.scores, PAPER)["alpha"].tolist(),
-            "10 ratings": fit(merger, sup.pixels[:10], sup.scores[:10], replace(PAPER, batch_size=32))["alpha"].tolist(),
-            "pairs": fit(merger, sup.pixels, None, PAPER, pairs=pairs)["alpha"].tolist(),
+            "36 ratings, batch 8": fit(merger, Scored(sup.pixels, sup.scores), PAPER).alpha.tolist(),
+            "10 ratings": fit(merger, Scored(sup.pixels[:10], sup.scores[:10]), replace(PAPER, batch_size=32)).alpha.tolist(),
+            "pairs": fit(merger, Paired(sup.pixels, pairs), PAPER).alpha.tolist(),
         }
 
 

@@ -437,10 +437,10 @@ def test_evaluate_progress_counts_steps(small_bank, tmp_path, capsys):
     methods = {"zero-shot ensemble": "zero-shot ensemble",
                "learned": LearnConfig(steps=7, device="cpu", calibration="none"),
                "calibrated": LearnConfig(steps=7, device="cpu", folds=2),
-               "chosen": LearnConfig(steps=7, device="cpu", folds=2, steps_from=(0, 7))}
+               "calibrated, backprop": LearnConfig(steps=7, device="cpu", folds=2, fit="backprop")}
     evaluate(tmp_path / "t.csv", small_bank, shots=(4,), trials=2, methods=methods, device="cpu", progress=True)
     err = capsys.readouterr().err
-    # 2 trials × (1 baseline + 7 steps + 3 fits of 7 steps + the same, whose last fit may stop at 0)
+    # 2 trials × (1 baseline + 7 steps + twice 3 fits of 7 steps)
     assert "100/100" in err and "step" in err
 
 

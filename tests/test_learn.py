@@ -8,7 +8,11 @@ from click.testing import CliRunner
 
 from laionfilter.cli import cli
 from laionfilter.errors import LaionfilterError
-from laionfilter.learn import Merger, anchor_penalty, bradley_terry_loss, fit, fold_fits, init_coefficients, mixes
+from laionfilter.learn import fit
+from laionfilter.learn import fit_recipe, fit_recipes
+from laionfilter.merger import Merger
+from laionfilter.objective import Paired, Scored, bradley_terry_loss
+from laionfilter.start import init_coefficients
 from laionfilter.merge import merge_weights
 from laionfilter.model import eval_transform, torch_threads
 from laionfilter.profile import learn_profiles, load_profile
@@ -75,17 +79,18 @@ def test_gradients_reach_only_the_coefficients(small_bank):
     bradley_terry_loss(pred, torch.arange(6.0)).backward()
     assert alpha.grad is not None and alpha.grad.abs().sum() > 0
     assert alpha.grad[:, -1].abs().sum() > 0  # the last head layer gets its own gradient
-    assert all(p.grad is None and not p.requires_grad for p in merger.model.parameters())
+    assert all(p.is_meta for p in merger.model.parameters())  # a skeleton: the merged weights come with each call
     assert all(not t.requires_grad for t in list(merger.pre.values()) + list(merger.tau.values()))
     assert not merger.model.training  # eval mode: dropout off
 
 
 def test_same_seed_same_profile_and_learning_helps(small_bank, ratings_csv, tmp_path):
-    cfg = LearnConfig(steps=20, device="cpu", calibration="none")  # calibration: tests/test_calibrate.py
+    # batches of 8 of the 24 images: the seed draws them (calibration: tests/test_calibrate.py)
+    cfg = LearnConfig(steps=20, device="cpu", calibration="none", batch_size=8)
     a = learn_profiles(ratings_csv, small_bank, tmp_path / "a.profile", cfg, progress=False)[0]
     b = learn_profiles(ratings_csv, small_bank, tmp_path / "b.profile", cfg, progress=False)[0]
     assert torch.equal(a.alpha, b.alpha)
-    c = learn_profiles(ratings_csv, small_bank, tmp_path / "c.profile", LearnConfig(steps=20, device="cpu", seed=1, calibration="none"),
+    c = learn_profiles(ratings_csv, small_bank, tmp_path / "c.profile", replace(cfg, seed=1),
                        progress=False)[0]
     assert torch.equal(load_profile(c.path).alpha, c.alpha) and load_profile(c.path).meta == c.meta
     assert not torch.equal(a.alpha, c.alpha)
@@ -101,9 +106,12 @@ def test_same_seed_same_profile_and_learning_helps(small_bank, ratings_csv, tmp_
 
 def test_layer_agnostic_keeps_one_coefficient_per_task(small_bank, ratings_csv):
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
-    r = fit(Merger(small_bank, torch.device("cpu")), sup.pixels, sup.scores, LearnConfig(steps=5, layer_agnostic=True))
-    assert r["alpha"].shape == (3, 60)
-    assert torch.equal(r["alpha"], r["alpha"][:, :1].expand(3, 60))
+    for how in ("linear", "backprop"):
+        r = fit(Merger(small_bank, torch.device("cpu")), Scored(sup.pixels, sup.scores),
+                LearnConfig(steps=5, layer_agnostic=True, fit=how, refresh=2))
+        assert r.alpha.shape == (3, 60)
+        assert torch.equal(r.alpha, r.alpha[:, :1].expand(3, 60))
+        assert not torch.equal(r.alpha, r.alpha_init)
 
 
 def test_profile_model_is_the_merged_module_and_refuses_another_bank(small_bank, ratings_csv, tmp_path, tasks):
@@ -193,163 +201,66 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
 
     info = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile"), "--json"]).output)
     assert len(info["tasks"]) == 3 and info["name"] == "ann"
-    assert info["config"]["init"] == "mixes" and info["start_scale"] > 1
-    assert f"init mixes (T=0.1, scale {info['start_scale']:.3g})" in r.output
-    # --temperature is the temperature of whichever start is chosen
-    for init, field in (("mixes", "mix_temperature"), ("adaptive", "temperature")):
-        r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / init),
-                                "--steps", "0", "--device", "cpu", "--calibration", "none", "--init", init,
-                                "--temperature", "0.25"])
-        assert r.exit_code == 0, r.output
-        config = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / init / "ann.profile"), "--json"]).output)["config"]
-        assert config[field] == 0.25 and config["init"] == init
-    # a loss that must fall by 10 to count never does: the first step sets the best, 25 more stop the fit
-    r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / "tol"),
-                            "--steps", "100", "--tol", "10", "--device", "cpu", "--calibration", "none"])
+    assert info["config"]["init"] == "adaptive" and info["config"]["fit"] == "linear"
+    r = runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile")])
+    assert "init adaptive (T=1.0)" in r.output and "(linear fit, refreshed every 100)" in r.output
+    r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / "paper"),
+                            "--steps", "3", "--device", "cpu", "--calibration", "none", "--temperature", "0.25",
+                            "--fit", "backprop"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(cli, ["inspect", str(tmp_path / "tol" / "ann.profile")])
-    assert "100 steps (the loss settled at step 26)" in r.output, r.output
+    config = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "paper" / "ann.profile"), "--json"]).output)["config"]
+    assert config["temperature"] == 0.25 and config["fit"] == "backprop"
 
 
-def test_recorded_start_is_the_initialisation_and_the_anchor_holds_alpha_near_it(small_bank, ratings_csv):
+def test_the_recorded_start_is_the_initialisation_and_stays_put(small_bank, ratings_csv):
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
-    free = fit(merger, sup.pixels, sup.scores, LearnConfig(init="adaptive", steps=15, lr=5e-2, seed=3, anchor=0.0))
-    expect = init_coefficients(free["zero_shot_srocc"], 60)
-    assert torch.equal(free["alpha_init"], expect)  # not moved along by the optimizer
-    assert not torch.equal(free["alpha"], expect)
-    held = fit(merger, sup.pixels, sup.scores, LearnConfig(init="adaptive", steps=15, lr=5e-2, seed=3, anchor=100.0))
-    moved = lambda r: (r["alpha"] - r["alpha_init"]).abs().mean().item()
-    assert moved(held) < 0.5 * moved(free)
+    for how in ("linear", "backprop"):
+        r = fit(merger, Scored(sup.pixels, sup.scores), LearnConfig(steps=15, lr=5e-2, seed=3, fit=how, refresh=5))
+        expect = init_coefficients(r.zero_shot_srocc, 60)
+        assert torch.equal(r.alpha_init, expect)  # not moved along by the optimizer
+        assert not torch.equal(r.alpha, expect)
 
 
-def test_the_mixes_start_is_scaled_while_the_anchor_holds_it(small_bank, ratings_csv):
-    cfg = LearnConfig(mix_scale=1.5)
-    sizes = [4, 10, 20, 25, 30, 50, 100, 1000]
-    scales = [cfg.start_scale(n) for n in sizes]
-    held = [n for n in sizes if cfg.anchor_weight(n) >= 1]
-    assert held and all(cfg.start_scale(n) == 1.5 for n in held)  # the anchor holds α: the whole scale
-    assert all(a >= b for a, b in zip(scales, scales[1:])) and 1 < scales[-3] < 1.5 and scales[-1] < 1.0001
-    assert LearnConfig(init="adaptive", mix_scale=1.5).start_scale(10) == 1  # the paper's start is never scaled
-    assert LearnConfig(anchor=0, mix_scale=1.5).start_scale(10) == 1  # nothing holds α at its start
+def test_the_linear_fit_steps_on_expansions_made_every_refresh_steps(small_bank, ratings_csv):
+    """Each expansion is the model's: its scores are the model's at its point, and the linear model
+    agrees with the model near it; there is one per ``refresh`` steps, the first at the start."""
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
-    preds = merger.mix_predictions(sup.pixels)
-    plain = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=0, mix_scale=1.0), mix_preds=preds)
-    scaled = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=0), mix_preds=preds)
-    assert plain["start_scale"] == 1 and scaled["start_scale"] == LearnConfig().start_scale(len(sup.pixels)) > 1
-    torch.testing.assert_close(scaled["alpha_init"], scaled["start_scale"] * plain["alpha_init"])
+    r = fit(merger, Scored(sup.pixels, sup.scores), LearnConfig(steps=10, refresh=4, lr=5e-2))
+    assert len(r.linearisations) == 3  # steps 0, 4 and 8
+    assert torch.equal(r.linearisations[0].alpha, r.alpha_init)
+    for lin in r.linearisations:
+        np.testing.assert_allclose(lin.scores.numpy(), merger.predict(lin.alpha, sup.pixels), rtol=1e-5, atol=1e-5)
+    lin = r.linearisations[-1]
+    step = 1e-3 * torch.randn_like(lin.alpha)
+    exact = merger.predict(lin.alpha + step, sup.pixels)
+    np.testing.assert_allclose(lin(lin.alpha + step).numpy(), exact, atol=1e-4)
+    moved = merger.predict(lin.alpha, sup.pixels)
+    assert np.abs(exact - moved).max() > 10 * np.abs(lin(lin.alpha + step).numpy() - exact).max()  # it is not flat
+    assert not torch.equal(r.linearisations[1].alpha, r.linearisations[2].alpha)
 
 
-def test_anchor_penalty_is_anchor_over_support_size_to_its_power_times_the_summed_layer_mean():
-    start = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
-    alpha = torch.tensor([[0.5, 1.5, 0.5], [0.5, 0.5, -0.5]])  # one layer of each task moved by 1
-    # Σ_i mean_l: task 0 → 1/3, task 1 → 1/3; times (anchor / N)^power: 1 at N = anchor, 10^-power at 10×.
-    assert anchor_penalty(alpha, start, 20.0, 20, 1.5).item() == pytest.approx(2 / 3)
-    assert anchor_penalty(alpha, start, 10.0, 40, 1.5).item() == pytest.approx(0.125 * 2 / 3)
-    assert anchor_penalty(alpha, start, 10.0, 100, 1.5).item() == pytest.approx(0.1 ** 1.5 * 2 / 3)
-    assert anchor_penalty(alpha, start, 10.0, 100, power=3).item() == pytest.approx(1e-3 * 2 / 3)
-    agnostic = anchor_penalty(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]), 10.0, 10, 1.5)
-    assert agnostic.item() == pytest.approx(0.5)
-
-
-def test_the_default_recipe_is_anchored_and_anchor_zero_is_the_papers(small_bank, ratings_csv):
+def test_many_support_sets_fitted_together_get_what_each_gets_alone(small_bank, ratings_csv):
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
-    moved = lambda r: (r["alpha"] - r["alpha_init"]).abs().mean().item()
-    paper = fit(merger, sup.pixels, sup.scores, LearnConfig(init="adaptive", steps=15, lr=5e-2, seed=3, anchor=0.0))
-    default = fit(merger, sup.pixels, sup.scores, LearnConfig(steps=15, lr=5e-2, seed=3))
-    assert moved(default) < moved(paper)
-
-
-def test_mixes_are_each_task_each_pair_averaged_and_each_task_less_half_another():
-    c = mixes(3)
-    assert c.shape == (3 + 3 + 6, 3)
-    assert np.array_equal(c[:3], np.eye(3))
-    assert sorted(map(tuple, c[3:6])) == [(0, 0.5, 0.5), (0.5, 0, 0.5), (0.5, 0.5, 0)]
-    assert sorted(map(tuple, c[6:])) == sorted((a, b, d) for a, b, d in
-                                               [(1, -0.5, 0), (1, 0, -0.5), (-0.5, 1, 0), (0, 1, -0.5), (-0.5, 0, 1), (0, -0.5, 1)])
-    assert len(set(map(tuple, c))) == len(c)
-
-
-def test_mixes_initialisation_is_the_softmax_weighted_mean_of_the_candidates():
-    s = [0.1, 0.5, -0.2]
-    m = mixes(3)
-    ms = np.linspace(-0.3, 0.4, len(m))
-    for T in (1.0, 0.1):
-        w = np.exp(ms / T) / np.exp(ms / T).sum()
-        a = init_coefficients(s, 4, "mixes", T, list(ms))
-        assert a.shape == (3, 4)
-        for l in range(4):
-            torch.testing.assert_close(a[:, l], torch.tensor(w @ m, dtype=torch.float32))
-    sharp = init_coefficients(s, 2, "mixes", 1e-4, list(ms))  # T → 0: the best candidate alone
-    torch.testing.assert_close(sharp[:, 0], torch.tensor(m[-1], dtype=torch.float32))
-    scaled = init_coefficients(s, 2, "mixes", 1e-4, list(ms), mix_scale=1.25)
-    torch.testing.assert_close(scaled[:, 0], torch.tensor(1.25 * m[-1], dtype=torch.float32))
-    torch.testing.assert_close(init_coefficients(s, 2, "adaptive", 1.0, mix_scale=1.25),
-                               init_coefficients(s, 2, "adaptive", 1.0))  # the paper's start is not scaled
-    with pytest.raises(LaionfilterError, match="candidate"):
-        init_coefficients(s, 2, "mixes", 0.1)
-
-
-def test_mixes_init_scores_every_candidate_merge_on_the_support(small_bank, ratings_csv):
-    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
-    merger = Merger(small_bank, torch.device("cpu"))
-    preds = merger.mix_predictions(sup.pixels)
-    np.testing.assert_array_equal(preds[:small_bank.n], merger.task_predictions(sup.pixels))
-    c = mixes(small_bank.n)[7]
-    np.testing.assert_allclose(preds[7], merger.predict(torch.tensor(c, dtype=torch.float32), sup.pixels), rtol=1e-6)
-    cfg = LearnConfig(init="mixes", steps=0, calibration="none")
-    r = fit(merger, sup.pixels, sup.scores, cfg)
-    assert r["mix_srocc"] == pytest.approx([srocc(sup.scores, p) for p in preds])
-    expect = init_coefficients(r["zero_shot_srocc"], len(small_bank.layers), "mixes", cfg.mix_temperature, r["mix_srocc"],
-                               cfg.start_scale(len(sup.pixels)))
-    assert torch.equal(r["alpha_init"], expect)
-    # the folds' starts come from the images each fold trains on, whether the candidates' predictions are
-    # passed in (computed once for every fold) or computed per fold
-    given = [f["alpha_init"] for _, f in fold_fits(merger, sup.pixels, sup.scores, cfg, mix_preds=preds)]
-    own = [f["alpha_init"] for _, f in fold_fits(merger, sup.pixels, sup.scores, cfg)]
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(given, own))
-    assert not torch.allclose(given[0], given[1])
-
-
-def test_a_fit_that_stops_returns_the_best_alpha_it_measured():
-    """Three ratings weigh the anchor 3,900 times: Adam circles above the start's loss and the fit stops
-    after the patience; it must return the α of its lowest loss, not the last (a worse) one."""
-    from laionfilter.bank import resolve_bank
-    from laionfilter.demo import EXAMPLE
-
-    bank = resolve_bank("starter")
-    merger = Merger(bank, torch.device("cpu"))
-    sup = read_ratings(EXAMPLE / "ratings.csv", eval_transform(bank.architecture)).supports[0]
-    pixels, scores, cfg = sup.pixels[:3], sup.scores[:3], LearnConfig()
-    r = fit(merger, pixels, scores, cfg)
-    curve = r["loss_curve"]
-    assert curve["last"] > curve["min"] and "converged_at" in curve  # it did circle, and stopped
-    pred = merger.forward(merger.state(r["alpha"]), pixels).float()
-    objective = bradley_terry_loss(pred, torch.as_tensor(scores, dtype=torch.float32)) + \
-        anchor_penalty(r["alpha"], r["alpha_init"], cfg.anchor, len(scores), cfg.anchor_power)
-    assert objective.item() == pytest.approx(curve["min"], abs=1e-6)
-
-
-def test_a_fit_that_sees_the_whole_support_each_step_stops_once_its_loss_settles(small_bank, ratings_csv):
-    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
-    pixels, scores = sup.pixels[:12], sup.scores[:12]  # each step sees all 12 (batch 32)
-    merger = Merger(small_bank, torch.device("cpu"))
-    cfg = LearnConfig(steps=100, seed=3)
-    told = []
-    stopped = fit(merger, pixels, scores, cfg, on_step=told.append, checkpoints=(10, 100))
-    at = stopped["loss_curve"]["converged_at"]
-    assert 10 < at < 100 and stopped["loss_curve"]["steps"] == at
-    assert sum(told) == 100  # the outer bar is told of the steps skipped too
-    assert torch.equal(stopped["alpha_at"][100], stopped["alpha"])
-    assert not torch.equal(stopped["alpha_at"][10], stopped["alpha"])
-    full = fit(merger, pixels, scores, replace(cfg, tol=0.0))
-    assert full["loss_curve"]["steps"] == 100 and "converged_at" not in full["loss_curve"]
-    # where it stopped is most of the way to where every step would have taken it
-    assert (stopped["alpha"] - full["alpha"]).abs().max() < 0.25 * (full["alpha"] - full["alpha_init"]).abs().max()
-    minibatch = fit(merger, pixels, scores, replace(cfg, batch_size=4, steps=20, patience=2))
-    assert minibatch["loss_curve"]["steps"] == 20  # a minibatch's loss is noisy: never a reason to stop
+    rng = np.random.default_rng(0)
+    picks = [np.sort(rng.choice(len(sup.scores), k, replace=False)) for k in (8, 12, 24)]  # one over a batch of 16
+    supports = [Scored(sup.pixels[p], sup.scores[p]) for p in picks]
+    order = np.argsort(sup.scores, kind="stable")
+    pairs = np.stack([order[1:], order[:-1]], axis=1)[sup.scores[order[1:]] > sup.scores[order[:-1]]]
+    supports.append(Paired(sup.pixels, pairs))
+    cfg = LearnConfig(steps=12, refresh=5, batch_size=16, calibration="linear", folds=3, device="cpu")
+    together = fit_recipes(merger, supports, cfg)
+    for s, t in zip(supports, together):
+        alone = fit_recipe(merger, s, cfg)
+        torch.testing.assert_close(t.alpha, alone.alpha, atol=1e-5, rtol=0)
+        if isinstance(s, Scored):
+            assert t.calibration.slope == pytest.approx(alone.calibration.slope, abs=1e-4)
+            np.testing.assert_allclose(t.oof, alone.oof, atol=1e-4)
+        else:
+            assert t.calibration is None  # pairwise answers have no scale
+    assert not torch.equal(together[0].alpha, together[1].alpha)
 
 
 def test_a_fit_that_fails_in_its_process_stops_the_others_and_queues_nothing_more(tmp_path):
@@ -404,6 +315,7 @@ def test_learn_into_a_folder_leaves_nothing_when_interrupted_and_refuses_a_file(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(profile_mod, "fit_recipe", interrupted)
+    monkeypatch.setattr(profile_mod, "run_jobs", interrupted)  # several users are fitted side by side
     with pytest.raises(KeyboardInterrupt):
         profile_mod.learn_profiles(ratings, small_bank, tmp_path / "profiles", progress=False)
     assert not (tmp_path / "profiles").exists()  # no empty folder left behind
@@ -418,9 +330,10 @@ def test_learn_into_a_folder_leaves_nothing_when_interrupted_and_refuses_a_file(
     assert (tmp_path / "taken").read_text() == "mine"
 
 
-def test_a_pairs_support_weighs_as_its_pairs_whatever_images_come_with_them(small_bank, ratings_csv):
-    """The anchor's weight and the start's scale count the answers: K pairs weigh as K, whether the fit
-    gets only the images they touch (learn) or all of a user's images (evaluate's K-pair splits)."""
+@pytest.mark.parametrize("how", ["linear", "backprop"])
+def test_a_pairs_fit_depends_on_its_pairs_not_on_the_images_that_come_with_them(small_bank, ratings_csv, how):
+    """learn hands a pairs fit the images its pairs touch; evaluate's K-pair splits hand it all of a
+    user's images: the same pairs must learn the same α either way."""
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     top = np.argsort(-sup.scores)[:14]
     pairs = np.array([(a, b) for i, a in enumerate(top) for b in top[i + 1:] if sup.scores[a] > sup.scores[b]][:30])
@@ -429,11 +342,9 @@ def test_a_pairs_support_weighs_as_its_pairs_whatever_images_come_with_them(smal
     remap = {old: new for new, old in enumerate(used)}
     own = np.vectorize(remap.get)(pairs)
     merger = Merger(small_bank, torch.device("cpu"))
-    cfg = LearnConfig(steps=20, batch_size=32, tol=0, seed=3)
-    alone = fit(merger, sup.pixels[used], None, cfg, pairs=own)  # learn: the pairs' own images
-    among = fit(merger, torch.cat([sup.pixels[used], sup.pixels[[i for i in range(len(sup.pixels)) if i not in used]]]),
-                None, cfg, pairs=own)  # evaluate: every image of the user
-    for r in (alone, among):
-        assert r["start_scale"] == cfg.start_scale(30) and r["anchor_weight"] == cfg.anchor_weight(30)
-    assert cfg.start_scale(30) != cfg.start_scale(len(used)) and cfg.anchor_weight(30) != cfg.anchor_weight(len(sup.pixels))
-    torch.testing.assert_close(alone["alpha"], among["alpha"])
+    cfg = LearnConfig(steps=20, batch_size=16, seed=3, fit=how, refresh=7)
+    alone = fit(merger, Paired(sup.pixels[used], own), cfg)  # learn: the pairs' own images
+    rest = [i for i in range(len(sup.pixels)) if i not in used]
+    among = fit(merger, Paired(torch.cat([sup.pixels[used], sup.pixels[rest]]), own), cfg)  # evaluate: every image
+    torch.testing.assert_close(alone.alpha, among.alpha, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(alone.alpha, alone.alpha_init)

@@ -32,9 +32,11 @@ def test_ray_matches_local_retries_and_resumes(local_ray, shards, profiles, smal
     fault.write_text("")
 
     def die_once():  # runs in the actor, after a batch: the first one to get here dies mid-shard
-        if fault.exists():
-            fault.unlink()
-            os._exit(1)
+        try:
+            fault.unlink()  # atomic: of two actors here at once, one removes it and the other does not
+        except FileNotFoundError:
+            return
+        os._exit(1)
 
     monkeypatch.setattr(distribute, "run_ray", functools.partial(distribute.run_ray, after_batch=die_once))
     out = tmp_path / "ray"

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from laionfilter.learn import tuned_layers
+from laionfilter.start import tuned_layers
 from laionfilter.recipe import LearnConfig
 from laionfilter.model import layer_stage
 from laionfilter.profile import learn_profiles

@@ -87,7 +87,7 @@ def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table
     import torch
 
     from laionfilter.evaluate import selection_runs
-    from laionfilter.learn import Merger
+    from laionfilter.merger import Merger
     from laionfilter.model import eval_transform
     from laionfilter.ratings import read_ratings
 
@@ -102,7 +102,9 @@ def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table
 def test_the_fits_that_choose_are_the_out_of_fold_fits(users_table, small_bank):
     import torch
 
-    from laionfilter.learn import Merger, fold_fits, out_of_fold
+    from laionfilter.learn import fold_fits
+    from laionfilter.merger import Merger
+    from laionfilter.objective import Scored
     from laionfilter.recipe import LearnConfig
     from laionfilter.model import eval_transform
     from laionfilter.ratings import read_ratings
@@ -112,11 +114,10 @@ def test_the_fits_that_choose_are_the_out_of_fold_fits(users_table, small_bank):
     merger = Merger(small_bank, torch.device("cpu"))
     cfg = LearnConfig(steps=3, device="cpu", folds=3)
     x, y = sup.pixels[:9], sup.scores[:9]
-    preds = fit_predictions(merger, x, y, cfg, sup.pixels)
+    preds = fit_predictions(merger, Scored(x, y), cfg, sup.pixels)
     assert preds.shape == (3, len(sup.scores))
-    oof = out_of_fold(merger, x, y, cfg)[3]
-    for f, (held, _) in enumerate(fold_fits(merger, x, y, cfg)):  # each fit, on the images it left out
-        np.testing.assert_allclose(preds[f, held], oof[held], rtol=1e-5)
+    for f, (held, r) in enumerate(fold_fits(merger, Scored(x, y), cfg)):  # each fold's fit, on every image
+        np.testing.assert_allclose(preds[f], merger.predict(r.alpha, sup.pixels), rtol=1e-5)
     assert not np.allclose(preds[0], preds[1])  # fits that left out different ratings differ
 
 

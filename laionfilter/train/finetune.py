@@ -21,7 +21,7 @@ from .. import __version__
 from .databases import ScoreRange, open_database
 from ..errors import LaionfilterError
 from ..formats import TASK_FORMAT
-from ..learn import cosine_lr
+from ..objective import cosine_lr
 from ..log import note, progress_bar
 from ..metrics import plcc, srocc
 from ..model import SCALES, HeadConfig, autocast, eval_transform, layer_names, load_base, model_state, pick_device

@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter
 from ..errors import LaionfilterError
 from ..images import Preprocessor
 from ..formats import BASE_FORMAT
-from ..learn import cosine_lr
+from ..objective import cosine_lr
 from ..log import progress_bar
 from .finetune import FinetuneConfig, StageConfig, finetune
 from ..model import HeadConfig, build_architecture, model_state
