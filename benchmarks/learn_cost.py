@@ -6,15 +6,16 @@ A bank is made in the paper authors' layout (six clip_{B,L}_3fc_*.pth files of r
 a fresh process measures the default recipe's phases:
   load      the bank read, the merger built (θ_pre and the task vectors on the device);
   decode    the ratings file read and every image preprocessed;
-  start     the task models' predictions (and, for init mixes, the 51 candidate merges');
+  start     the task models' predictions (the adaptive start);
   linearise one forward and backward per image, merged once (fit "linear" makes one per refresh);
   backprop  ``--steps`` Adam steps of the paper's fit, no early stop: seconds per step;
-and, with ``--full ARCH:N``, `learn` itself end to end with the default recipe (the final fit, the
-out-of-fold fits, the calibration), its wall time and the process's peak resident memory (VmHWM).
+and, with ``--full ARCH:N``, in a fresh process of its own, `learn --fit linear` itself end to end (the
+final fit, the out-of-fold fits, the calibration): its wall time and the process's peak
+resident memory (VmHWM).
 
 ``--users N`` instead measures many users at once on the starter bank: N users, each rating 10 images
 drawn from a pool of 2,000 crops of the bank's reserved photos (scores from a random linear taste over
-simple image statistics), learned by one `learn` (the default recipe); its wall time, and for
+simple image statistics), learned by one `learn --fit linear`; its wall time, and for
 ``--alone K`` of them, each learned alone: the largest difference of coefficients and of SROCC on the
 user's test images (another 100 of the pool, rated by the same taste) between the two.
 
@@ -44,14 +45,12 @@ t0 = time.perf_counter()
 import torch
 from dataclasses import replace
 from laionfilter.bank import load_bank
-from laionfilter.learn import fit
-from laionfilter.learn import learn_device
+from laionfilter.learn import fit, learn_device
 from laionfilter.merger import Merger
 from laionfilter.model import eval_transform
 from laionfilter.objective import Scored
 from laionfilter.ratings import read_ratings
 from laionfilter.recipe import LearnConfig
-from laionfilter.start import start_predictions
 bank_path, ratings, device, steps, full = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 def hwm():
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
@@ -59,31 +58,33 @@ def sync():
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 out = {"import_s": round(time.perf_counter() - t0, 2)}
-cfg = LearnConfig(device=device)
-t = time.perf_counter(); bank = load_bank(bank_path); merger = Merger(bank, learn_device(cfg)); sync()
+cfg = LearnConfig(device=device, fit="linear")  # the paper's fit: backprop_s_per_step × 500 per fit
+t = time.perf_counter(); bank = load_bank(bank_path); merger = None if full else Merger(bank, learn_device(cfg)); sync()
 out["load_s"] = round(time.perf_counter() - t, 2)
-t = time.perf_counter(); sup = read_ratings(ratings, eval_transform(bank.architecture)).supports[0]
-out["decode_s"] = round(time.perf_counter() - t, 2)
-support = Scored(sup.pixels, sup.scores)
-t = time.perf_counter(); task_preds, mix_preds = start_predictions(merger, sup.pixels, cfg, None, None, False); sync()
-out["start_s"] = round(time.perf_counter() - t, 2)
-t = time.perf_counter(); merger.linearise(torch.full((bank.n, len(bank.layers)), 1 / bank.n), sup.pixels); sync()
-out["linearise_s_per_image"] = round((time.perf_counter() - t) / len(sup.pixels), 3)
-backprop = LearnConfig(device=device, steps=steps, tol=0, fit="backprop", calibration="none")
-fit(merger, support, replace(backprop, steps=1), task_preds=task_preds, mix_preds=mix_preds)
-sync(); t = time.perf_counter()
-fit(merger, support, backprop, task_preds=task_preds, mix_preds=mix_preds); sync()
-out["backprop_s_per_step"] = round((time.perf_counter() - t) / steps, 3)
-out["peak_rss_mib_phases"] = round(hwm())
-if full:
+if full:  # learn alone in this process, so that its peak memory is its own
     from laionfilter.profile import learn_profiles
     t = time.perf_counter()
-    [p] = learn_profiles(ratings, bank, ratings + ".profile", cfg, progress=False)
+    learn_profiles(ratings, bank, ratings + ".profile", cfg, progress=False)
     out["learn_default_s"] = round(time.perf_counter() - t, 1)
-    out["fits_converged_at"] = p.meta.get("loss_curve", {}).get("converged_at")
+    out["end_to_end_s"] = round(time.perf_counter() - t0, 1)  # the imports and the bank's load too
     out["peak_rss_mib"] = round(hwm())
     if device.startswith("cuda"):
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    print(json.dumps(out))
+    sys.exit()
+t = time.perf_counter(); sup = read_ratings(ratings, eval_transform(bank.architecture)).supports[0]
+out["decode_s"] = round(time.perf_counter() - t, 2)
+support = Scored(sup.pixels, sup.scores)
+t = time.perf_counter(); task_preds = merger.task_predictions(sup.pixels); sync()
+out["start_s"] = round(time.perf_counter() - t, 2)
+t = time.perf_counter(); merger.linearise(torch.full((bank.n, len(bank.layers)), 1 / bank.n), sup.pixels); sync()
+out["linearise_s_per_image"] = round((time.perf_counter() - t) / len(sup.pixels), 3)
+backprop = LearnConfig(device=device, steps=steps, fit="backprop", calibration="none")
+fit(merger, support, replace(backprop, steps=1), task_preds=task_preds)
+sync(); t = time.perf_counter()
+fit(merger, support, backprop, task_preds=task_preds); sync()
+out["backprop_s_per_step"] = round((time.perf_counter() - t) / steps, 3)
+out["peak_rss_mib_phases"] = round(hwm())
 print(json.dumps(out))
 """
 
@@ -110,7 +111,7 @@ from laionfilter.profile import learn_profiles
 from laionfilter.recipe import LearnConfig
 table, out = sys.argv[1], sys.argv[2]
 t = time.perf_counter()
-profiles = learn_profiles(table, resolve_bank("starter"), out, LearnConfig(device="cpu"), progress=False)
+profiles = learn_profiles(table, resolve_bank("starter"), out, LearnConfig(device="cpu", fit="linear"), progress=False)
 print(json.dumps({"import_s": round(t - t0, 2), "learn_s": round(time.perf_counter() - t, 1), "profiles": len(profiles),
                   "peak_rss_mib": round(int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024)}))
 """
@@ -169,7 +170,7 @@ def many_users(users: int, alone: int, work: Path) -> dict:
     diffs, dsrocc = [], []
     torch.set_num_threads(1)
     for sup in supports:
-        one = fit_recipe(merger, Scored(sup.pixels, sup.scores), LearnConfig(device="cpu"))
+        one = fit_recipe(merger, Scored(sup.pixels, sup.scores), LearnConfig(device="cpu", fit="linear"))
         together = load_profile(work / "profiles" / f"{sup.user}.profile")
         idx, y = tests[sup.user]
         px = torch.stack([transform(work / "pool" / f"{i:04d}.png") for i in idx])
@@ -188,6 +189,7 @@ def main() -> None:
     ap.add_argument("--full", action="append", default=[], metavar="ARCH:N",
                     help="also run `learn` with the default recipe end to end for this bank and ratings count "
                          "(e.g. ViT-B-16:10)")
+    ap.add_argument("--no-phases", action="store_true", help="only the --full runs")
     ap.add_argument("--users", type=int, help="instead: this many users at once on the starter bank")
     ap.add_argument("--alone", type=int, default=20, help="--users: how many of them to learn alone as well")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -213,10 +215,13 @@ def main() -> None:
         print(f"{arch}: bank ready in {time.time() - t:.0f} s", flush=True)
         for n in args.ratings or [10, 100]:
             ratings = ratings_file(work / arch, n)
-            r = subprocess.run([sys.executable, "-c", CHILD, str(bank), str(ratings), args.device, str(args.steps),
-                                "1" if f"{arch}:{n}" in args.full else "0"], capture_output=True, text=True)
             row = {"arch": arch, "ratings": n}
-            row.update(json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-2000:]})
+            for full in ("0", "1") if f"{arch}:{n}" in args.full else ("0",):
+                if full == "0" and args.no_phases:
+                    continue
+                r = subprocess.run([sys.executable, "-c", CHILD, str(bank), str(ratings), args.device, str(args.steps),
+                                    full], capture_output=True, text=True)
+                row.update(json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-2000:]})
             res["runs"].append(row)
             print(json.dumps(row), flush=True)
             if args.json:

@@ -201,15 +201,15 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
 
     info = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile"), "--json"]).output)
     assert len(info["tasks"]) == 3 and info["name"] == "ann"
-    assert info["config"]["init"] == "adaptive" and info["config"]["fit"] == "linear"
+    assert info["config"]["init"] == "adaptive" and info["config"]["fit"] == "backprop"
     r = runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile")])
-    assert "init adaptive (T=1.0)" in r.output and "(linear fit, refreshed every 100)" in r.output
-    r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / "paper"),
+    assert "init adaptive (T=1.0)" in r.output and "(backprop fit)" in r.output
+    r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / "lin"),
                             "--steps", "3", "--device", "cpu", "--calibration", "none", "--temperature", "0.25",
-                            "--fit", "backprop"])
+                            "--fit", "linear", "--refresh", "2"])
     assert r.exit_code == 0, r.output
-    config = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "paper" / "ann.profile"), "--json"]).output)["config"]
-    assert config["temperature"] == 0.25 and config["fit"] == "backprop"
+    config = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "lin" / "ann.profile"), "--json"]).output)["config"]
+    assert config["temperature"] == 0.25 and config["fit"] == "linear" and config["refresh"] == 2
 
 
 def test_the_recorded_start_is_the_initialisation_and_stays_put(small_bank, ratings_csv):
@@ -227,7 +227,7 @@ def test_the_linear_fit_steps_on_expansions_made_every_refresh_steps(small_bank,
     agrees with the model near it; there is one per ``refresh`` steps, the first at the start."""
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
-    r = fit(merger, Scored(sup.pixels, sup.scores), LearnConfig(steps=10, refresh=4, lr=5e-2))
+    r = fit(merger, Scored(sup.pixels, sup.scores), LearnConfig(steps=10, refresh=4, lr=5e-2, fit="linear"))
     assert len(r.linearisations) == 3  # steps 0, 4 and 8
     assert torch.equal(r.linearisations[0].alpha, r.alpha_init)
     for lin in r.linearisations:
@@ -250,7 +250,7 @@ def test_many_support_sets_fitted_together_get_what_each_gets_alone(small_bank, 
     order = np.argsort(sup.scores, kind="stable")
     pairs = np.stack([order[1:], order[:-1]], axis=1)[sup.scores[order[1:]] > sup.scores[order[:-1]]]
     supports.append(Paired(sup.pixels, pairs))
-    cfg = LearnConfig(steps=12, refresh=5, batch_size=16, calibration="linear", folds=3, device="cpu")
+    cfg = LearnConfig(steps=12, refresh=5, batch_size=16, calibration="linear", folds=3, device="cpu", fit="linear")
     together = fit_recipes(merger, supports, cfg)
     for s, t in zip(supports, together):
         alone = fit_recipe(merger, s, cfg)

@@ -83,7 +83,7 @@ def test_evaluate_compares_random_and_active_on_the_same_test_images(users_table
     again = evaluate_selection(users_table, small_bank, shots=(8,), trials=1, recipe=recipe, selections=SELECTIONS,
                                progress=False, jobs=2)
     assert again["runs"] == r["runs"]  # seeded: the same pools, picks and test images, two units at a time
-    # One user and trial alone gives the same runs (benchmarks/at_scale.py farms them out).
+    # One user and trial alone gives the same runs (a benchmark may farm them out).
     import torch
 
     from laionfilter.evaluate import selection_runs
