@@ -26,7 +26,7 @@ from .merger import Merger
 from .model import pick_device
 from .objective import Scored, Support
 from .recipe import LearnConfig
-from .start import starting_point
+from .start import Start, starting_point
 
 
 def fit(merger: Merger, support: Support, cfg: LearnConfig, progress: bool = False,
@@ -57,7 +57,7 @@ def fold_fits(merger: Merger, support: Scored, cfg: LearnConfig, task_preds: np.
     taken from the images it trains on: (held-out indices, the fit).
 
     With fit "linear" and the ``final`` fit on all the images given, each fold fit steps on the final
-    fit's expansions restricted to its own images (``fit.Linearised``'s replay) and costs no pass
+    fit's expansions restricted to its own images (``linearised.fit_linear``'s replay) and costs no pass
     through the model; otherwise the fits run as ``run_jobs`` runs them. A replayed fold fit is
     expanded at points the final fit reached with the held-out images in its loss; its held-out
     predictions are the real model's at the fold's own α."""
@@ -65,13 +65,20 @@ def fold_fits(merger: Merger, support: Scored, cfg: LearnConfig, task_preds: np.
         task_preds = merger.task_predictions(support.pixels)  # once for every fold
     plan = fold_plan(support.items, cfg)
     if final is not None and final.linearisations:
-        subsets = [support.subset(train) for train, _ in plan]
-        starts = [starting_point(merger, sub, cfg, task_preds[:, train]) for sub, (train, _) in zip(subsets, plan)]
-        fits = fit_linear(merger, subsets, cfg, starts, [tuple(lin.take(train) for lin in final.linearisations)
-                                                         for train, _ in plan], measure=False, on_step=on_step)
+        subsets, starts, replays = _replayed_folds(merger, support, cfg, task_preds, final, plan)
+        fits = fit_linear(merger, subsets, cfg, starts, replays, measure=False, on_step=on_step)
     else:
         fits = run_jobs(_fold_jobs(merger, support, cfg, task_preds, plan), processes, on_step)
     return [(held, r) for (_, held), r in zip(plan, fits)]
+
+
+def _replayed_folds(merger: Merger, support: Scored, cfg: LearnConfig, task_preds: np.ndarray, final: Fit,
+                    plan: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[Scored], list[Start], list[tuple]]:
+    """For ``fit_linear``, each fold of ``plan``: its training images, its start (chosen on them) and
+    the ``final`` fit's expansions restricted to them, to replay."""
+    subsets = [support.subset(train) for train, _ in plan]
+    starts = [starting_point(merger, sub, cfg, task_preds[:, train]) for sub, (train, _) in zip(subsets, plan)]
+    return subsets, starts, [tuple(lin.take(train) for lin in final.linearisations) for train, _ in plan]
 
 
 def _fold_jobs(merger: Merger, support: Scored, cfg: LearnConfig, task_preds: np.ndarray,
@@ -134,12 +141,11 @@ def fit_recipes(merger: Merger, supports: list[Support], cfg: LearnConfig, task_
         return finals
     subsets, fold_starts, replays, owners = [], [], [], []
     for i in rated:
-        for train, held in fold_plan(supports[i].items, cfg):  # each fold's start chosen on the images it trains on
-            sub = supports[i].subset(train)
-            subsets.append(sub)
-            fold_starts.append(starting_point(merger, sub, cfg, preds[i][:, train]))
-            replays.append(tuple(lin.take(train) for lin in finals[i].linearisations))
-            owners.append((i, held))
+        plan = fold_plan(supports[i].items, cfg)
+        for part, more in zip((subsets, fold_starts, replays),
+                              _replayed_folds(merger, supports[i], cfg, preds[i], finals[i], plan)):
+            part += more
+        owners += [(i, held) for _, held in plan]
     folds = fit_linear(merger, subsets, cfg, fold_starts, replays, measure=False, on_step=on_step)
     out = list(finals)
     for i in rated:
