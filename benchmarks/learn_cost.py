@@ -9,9 +9,13 @@ a fresh process measures the default recipe's phases:
   start     the task models' predictions (the adaptive start);
   linearise one forward and backward per image, merged once (fit "linear" makes one per refresh);
   backprop  ``--steps`` Adam steps of the paper's fit, no early stop: seconds per step;
-and, with ``--full ARCH:N``, in a fresh process of its own, `learn --fit linear` itself end to end (the
-final fit, the out-of-fold fits, the calibration): its wall time and the process's peak
-resident memory (VmHWM).
+and, with ``--full ARCH:N``, in a fresh process of its own, `learn` itself end to end with each
+``--fit`` and ``--tune`` (the final fit, the out-of-fold fits, the calibration): its wall time and the process's peak
+resident memory (VmHWM), and on a GPU its peak allocated device memory.
+
+``--direct`` writes the bank with ``bank.write_bank`` from random task vectors instead of making and
+importing .pth files: the same bank layout, for a lent GPU machine, where writing and importing 10 GB of
+ViT-L-14 checkpoints would spend much of the lease.
 
 ``--users N`` instead measures many users at once on the starter bank: N users, each rating 10 images
 drawn from a pool of 2,000 crops of the bank's reserved photos (scores from a random linear taste over
@@ -20,7 +24,8 @@ simple image statistics), learned by one `learn --fit linear`; its wall time, an
 user's test images (another 100 of the pool, rated by the same taste) between the two.
 
     python benchmarks/learn_cost.py --arch ViT-B-16 --ratings 10 --steps 5 --json learn-cost.json
-    python benchmarks/learn_cost.py --device cuda --full ViT-B-16:10 --json learn-cost-gpu.json
+    python benchmarks/learn_cost.py --full ViT-B-16:10 --fit linear --no-phases --json learn-cost-linear.json
+    python benchmarks/learn_cost.py --device cuda --direct --full ViT-B-16:10 --json learn-cost-gpu.json
     python benchmarks/learn_cost.py --users 1000 --json benchmarks/results/learn-users-epyc.json
 """
 
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,21 +57,22 @@ from laionfilter.model import eval_transform
 from laionfilter.objective import Scored
 from laionfilter.ratings import read_ratings
 from laionfilter.recipe import LearnConfig
-bank_path, ratings, device, steps, full = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+bank_path, ratings, device, steps, full, fit_name, tune = (sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                                                          sys.argv[5] == "1", sys.argv[6], sys.argv[7])
 def hwm():
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 def sync():
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 out = {"import_s": round(time.perf_counter() - t0, 2)}
-cfg = LearnConfig(device=device, fit="linear")  # the paper's fit: backprop_s_per_step × 500 per fit
+cfg = LearnConfig(device=device, fit=fit_name, tune=tune)
 t = time.perf_counter(); bank = load_bank(bank_path); merger = None if full else Merger(bank, learn_device(cfg)); sync()
 out["load_s"] = round(time.perf_counter() - t, 2)
 if full:  # learn alone in this process, so that its peak memory is its own
     from laionfilter.profile import learn_profiles
     t = time.perf_counter()
     learn_profiles(ratings, bank, ratings + ".profile", cfg, progress=False)
-    out["learn_default_s"] = round(time.perf_counter() - t, 1)
+    out["learn_s"] = round(time.perf_counter() - t, 1)
     out["end_to_end_s"] = round(time.perf_counter() - t0, 1)  # the imports and the bank's load too
     out["peak_rss_mib"] = round(hwm())
     if device.startswith("cuda"):
@@ -101,6 +108,27 @@ def ratings_file(root: Path, n: int) -> Path:
         lines.append(f"img/{i:03d}.jpg,{int(rng.integers(1, 11))}")
     (root / f"ratings-{n}.csv").write_text("\n".join(lines) + "\n")
     return root / f"ratings-{n}.csv"
+
+
+def direct_bank(out: Path, arch: str, n: int = 6) -> None:
+    """A bank of ``n`` random task vectors (float16, as `bank import` stores them), written directly."""
+    import torch
+
+    from laionfilter.authors import authors_preprocess
+    from laionfilter.bank import write_bank
+    from laionfilter.model import SCALES, layer_names, load_base_clip, model_state
+    from laionfilter.safefiles import state_fingerprint
+
+    torch.manual_seed(0)
+    architecture, model, _ = load_base_clip(arch)
+    pre, layers = model_state(model), layer_names(model)
+    tau = {l: (1e-3 * torch.randn(n, *pre[l].shape)).half() for l in layers}
+    architecture = replace(architecture, preprocess=authors_preprocess(architecture.preprocess["size"][0]))
+    tasks = [{"name": f"t{i}", "database": f"t{i}", "scale": "1-10", "template": list(SCALES["1-10"]),
+              "metrics": {"val_srocc": None, "val_plcc": None}, "source": "random", "source_sha256": "0" * 64}
+             for i in range(n)]
+    base = {"spec": arch, "fingerprint": state_fingerprint({l: pre[l] for l in layers if l.startswith("visual.")})}
+    write_bank(out, architecture, base, layers, pre, tau, "float16", tasks)
 
 
 USERS_CHILD = r"""
@@ -189,6 +217,10 @@ def main() -> None:
     ap.add_argument("--full", action="append", default=[], metavar="ARCH:N",
                     help="also run `learn` with the default recipe end to end for this bank and ratings count "
                          "(e.g. ViT-B-16:10)")
+    ap.add_argument("--fit", action="append", choices=("backprop", "linear"),
+                    help="the fits of the --full runs (default: backprop, the default recipe's)")
+    ap.add_argument("--tune", action="append", help="the --tune values of the --full runs (default: all)")
+    ap.add_argument("--direct", action="store_true", help="write the bank directly (random task vectors)")
     ap.add_argument("--no-phases", action="store_true", help="only the --full runs")
     ap.add_argument("--users", type=int, help="instead: this many users at once on the starter bank")
     ap.add_argument("--alone", type=int, default=20, help="--users: how many of them to learn alone as well")
@@ -205,9 +237,11 @@ def main() -> None:
     res: dict = {"device": args.device, "steps_timed": args.steps, "runs": []}
     for arch in args.arch or ["ViT-B-16", "ViT-L-14"]:
         t = time.time()
-        base, files = make_files(work / arch, 6, arch)
         bank = work / arch / "bank"
-        if not (bank / "manifest.json").exists():
+        if args.direct and not (bank / "manifest.json").exists():
+            direct_bank(bank, arch)
+        elif not (bank / "manifest.json").exists():
+            base, files = make_files(work / arch, 6, arch)
             r = subprocess.run([sys.executable, "-m", "laionfilter", "bank", "import", *map(str, files), "--base", base,
                                 "--out", str(bank)], capture_output=True, text=True)
             if r.returncode:
@@ -216,16 +250,18 @@ def main() -> None:
         for n in args.ratings or [10, 100]:
             ratings = ratings_file(work / arch, n)
             row = {"arch": arch, "ratings": n}
-            for full in ("0", "1") if f"{arch}:{n}" in args.full else ("0",):
-                if full == "0" and args.no_phases:
-                    continue
-                r = subprocess.run([sys.executable, "-c", CHILD, str(bank), str(ratings), args.device, str(args.steps),
-                                    full], capture_output=True, text=True)
-                row.update(json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-2000:]})
             res["runs"].append(row)
-            print(json.dumps(row), flush=True)
-            if args.json:
-                args.json.write_text(json.dumps(res, indent=1) + "\n")
+            runs = [] if args.no_phases else [("0", "linear", "all")]
+            if f"{arch}:{n}" in args.full:
+                runs += [("1", f, t) for f in args.fit or ["backprop"] for t in args.tune or ["all"]]
+            for full, fit_name, tune in runs:
+                r = subprocess.run([sys.executable, "-c", CHILD, str(bank), str(ratings), args.device, str(args.steps),
+                                    full, fit_name, tune], capture_output=True, text=True)
+                got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-2000:]}
+                row.update(got if full == "0" else {f"full_{fit_name}" + ("" if tune == "all" else f"_tune_{tune}"): got})
+                print(json.dumps(row), flush=True)
+                if args.json:  # after every run, so that a stopped benchmark keeps what it measured
+                    args.json.write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

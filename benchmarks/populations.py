@@ -41,15 +41,19 @@ from laionfilter.recipe import LearnConfig
 from laionfilter.safefiles import write_json
 from laionfilter.train.starter import GREY, PHOTOS, degrade, load_photo, random_crop
 
-PAPER, DEFAULT = "the paper's recipe", "the default"
+PAPER, LINEAR = "the paper's recipe", "the linear fit"
 
 
 def methods(steps: int) -> dict[str, LearnConfig | str]:
-    """``evaluate``'s baselines, the paper's recipe and the default (uncalibrated: calibration changes no
-    ranking), and the default with other refresh intervals."""
+    """``evaluate``'s baselines, the paper's recipe (the default), the linear fit with the refresh
+    intervals it was chosen among, and the paper's recipe learning the score head alone (``--tune
+    head``: fitted on the trunk's features, computed once); all uncalibrated (calibration changes no
+    ranking)."""
     base = LearnConfig(steps=steps, device="cpu", calibration="none")
-    return {**methods_named(base, [ZERO_SHOT, BEST_SINGLE, PAPER, DEFAULT]),
-            "the default, refresh 50": replace(base, refresh=50), "the default, refresh 250": replace(base, refresh=250)}
+    ms = methods_named(base, [ZERO_SHOT, BEST_SINGLE, PAPER, LINEAR])
+    return {**ms, f"{LINEAR}, refresh 50": replace(ms[LINEAR], refresh=50),
+            f"{LINEAR}, refresh 250": replace(ms[LINEAR], refresh=250),
+            f"{PAPER}, --tune head": replace(ms[PAPER], tune="head")}
 
 
 COVERED = ["sharpness", "noise", "exposure", "colourfulness", "contrast", "warmth"]

@@ -56,6 +56,7 @@ METHODS: dict[str, Callable[[LearnConfig], LearnConfig | str]] = {
     "layer-agnostic": lambda base: replace(paper_recipe(base), layer_agnostic=True),
     "MSE loss": lambda base: replace(paper_recipe(base), loss="mse"),
     "the default": lambda base: base,
+    "the linear fit": lambda base: replace(base, fit="linear"),
 }
 
 

@@ -26,7 +26,7 @@ from .merger import Merger
 from .model import pick_device
 from .objective import Scored, Support
 from .recipe import LearnConfig
-from .start import Start, starting_point
+from .start import Start, starting_point, tuned_layers
 
 
 def fit(merger: Merger, support: Support, cfg: LearnConfig, progress: bool = False,
@@ -36,10 +36,37 @@ def fit(merger: Merger, support: Support, cfg: LearnConfig, progress: bool = Fal
     ``on_step(k)`` is told of each k steps done (an outer progress bar). ``task_preds``: the task
     models' predictions on the support's images, computed here when not given.
     """
+    if task_preds is None:
+        task_preds = merger.task_predictions(support.pixels)
+    merger, (support,) = on_trunk(merger, [support], cfg)
     start = starting_point(merger, support, cfg, task_preds)
     if cfg.fit == "linear":
         return fit_linear(merger, [support], cfg, [start], progress=progress, desc=desc, on_step=on_step)[0]
     return backprop(merger, support, cfg, start, progress, desc, on_step)
+
+
+def on_trunk(merger: Merger, supports: list[Support], cfg: LearnConfig) -> tuple[Merger, list[Support]]:
+    """Where ``cfg`` learns only the top of the network (``--tune top-N`` or ``head``): the merger from
+    the first tuned stage (``Merger.above``) and the supports with their images' features there in
+    place of the images, computed once for every step and fold. Otherwise (or already so) as given.
+    The task models' predictions need the images: take them first."""
+    split = 0 if merger.split or cfg.tune == "all" else merger.split_for(tuned_layers(merger.layers, cfg.tune))
+    if not split:
+        return merger, supports
+    return merger.above(split), [replace(s, pixels=merger.trunk(s.pixels, split)) for s in supports]
+
+
+def shared_task_predictions(merger: Merger, supports: list[Support], keys: list[list[str]]) -> list[np.ndarray]:
+    """Each support set's task-model predictions ([n, N] each, as ``Merger.task_predictions``), every
+    distinct image (``keys``: one name per image of each support) predicted once, however many support
+    sets hold it: users who rated images of one pool share their start's passes."""
+    first: dict[str, tuple[int, int]] = {}
+    for i, ks in enumerate(keys):
+        for j, k in enumerate(ks):
+            first.setdefault(k, (i, j))
+    column = {k: c for c, k in enumerate(first)}
+    preds = merger.task_predictions(torch.stack([supports[i].pixels[j] for i, j in first.values()]))
+    return [preds[:, [column[k] for k in ks]] for ks in keys]
 
 
 def fold_plan(n_img: int, cfg: LearnConfig) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -63,6 +90,7 @@ def fold_fits(merger: Merger, support: Scored, cfg: LearnConfig, task_preds: np.
     predictions are the real model's at the fold's own α."""
     if task_preds is None:
         task_preds = merger.task_predictions(support.pixels)  # once for every fold
+    merger, (support,) = on_trunk(merger, [support], cfg)
     plan = fold_plan(support.items, cfg)
     if final is not None and final.linearisations:
         subsets, starts, replays = _replayed_folds(merger, support, cfg, task_preds, final, plan)
@@ -113,6 +141,7 @@ def fit_recipe(merger: Merger, support: Support, cfg: LearnConfig, task_preds: n
     started = time.time()
     if task_preds is None:
         task_preds = merger.task_predictions(support.pixels)
+    merger, (support,) = on_trunk(merger, [support], cfg)
     plan = fold_plan(support.items, cfg)
     final = functools.partial(fit, merger, support, cfg, task_preds=task_preds)
     bar = progress_bar(total=(len(plan) + 1) * cfg.steps, desc=f"{desc}: {len(plan) + 1} fits", unit="step",
@@ -134,6 +163,7 @@ def fit_recipes(merger: Merger, supports: list[Support], cfg: LearnConfig, task_
     side. Each gets what it would alone."""
     started = time.time()
     preds = task_preds or [merger.task_predictions(s.pixels) for s in supports]
+    merger, supports = on_trunk(merger, supports, cfg)
     starts = [starting_point(merger, s, cfg, p) for s, p in zip(supports, preds)]
     finals = fit_linear(merger, supports, cfg, starts, progress=progress, desc=desc, on_step=on_step)
     rated = [i for i, s in enumerate(supports) if isinstance(s, Scored) and cfg.uses_folds]

@@ -163,8 +163,9 @@ def fit_linear(merger: Merger, supports: list[Support], cfg: LearnConfig, starts
         tt = t.clamp(min=1).view_as(move)
         update = (lr / (1 - beta1 ** tt)) * m / (v.sqrt() / (1 - beta2 ** tt).sqrt() + eps)
         alpha = torch.where(move, alpha - update, alpha)
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{float(np.nanmean(curve[max(0, step - 24):step + 1].numpy())):.4f}", refresh=False)
+        recent = curve[max(0, step - 24):step + 1].numpy()
+        if step % 25 == 0 and np.isfinite(recent).any():  # a window of batches without a pair has no loss
+            bar.set_postfix(loss=f"{float(np.nanmean(recent)):.4f}", refresh=False)
     seconds = round(time.time() - started, 2)
     fits = []
     for i, (s, st) in enumerate(zip(supports, starts)):

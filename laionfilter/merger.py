@@ -12,6 +12,7 @@ one backward per image through the model merged once, then a product with each l
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch.func import functional_call
 from .bank import Bank
 from .log import progress_bar
 from .merge import merge_weights
+from .model import count_blocks, layer_stage
 
 
 # The memory that ``Merger.linearise`` gives to gradients waiting for their products with τ: three images'
@@ -47,7 +49,14 @@ class Linearisation:
 
 
 class Merger:
-    """The bank on one device and a skeleton model run with merged weights through functional_call."""
+    """The bank on one device and a skeleton model run with merged weights through functional_call.
+
+    ``above(split)`` is the same bank from stage ``split`` on (``model.layer_stage``): its inputs are
+    ``trunk``'s features instead of images, and it merges and runs only the layers from that stage. A
+    fit that learns only the top of the network (``--tune top-N`` or ``head``) holds the layers below at
+    1/n for every user, so their output on an image never changes: it is computed once (``trunk``), and
+    every step, pass and prediction of the fit runs the top alone.
+    """
 
     def __init__(self, bank: Bank, device: torch.device):
         self.bank, self.device = bank, device
@@ -57,12 +66,40 @@ class Merger:
         # a skeleton without weights of its own (on the meta device): every call gets the merged ones
         self.model = bank.new_model(empty=True).eval()
         self.model.template = self.model.template.to(device)
+        self.split = 0  # the first stage this merger runs (``above``)
+        self.stages = [layer_stage(name, count_blocks(self.layers)) for name in self.layers]
+
+    def split_for(self, tuned: torch.Tensor) -> int:
+        """The first stage with a tuned layer, where the trunk below it can be computed once; 0 when
+        every stage is tuned or the model cannot be split."""
+        first = min(stage for stage, t in zip(self.stages, tuned.tolist()) if t)
+        return first if first > 0 and self.model.splittable() else 0
+
+    def above(self, split: int) -> Merger:
+        """This bank from stage ``split`` on, taking ``trunk(·, split)``'s features as its inputs."""
+        top = copy.copy(self)
+        top.split = split
+        return top
+
+    def trunk(self, pixels: torch.Tensor, split: int, batch_size: int = 256) -> torch.Tensor:
+        """The features of ``pixels`` at stage ``split``, every layer below it at 1/n (on the device)."""
+        n = self.bank.n
+        names = [name for name, stage in zip(self.layers, self.stages) if stage < split]
+        with torch.no_grad():
+            state = merge_weights(self.pre, self.tau, names, torch.full((n,), 1.0 / n, device=self.device))
+            return torch.cat([functional_call(self.model, state, (pixels[i:i + batch_size].to(self.device),),
+                                              {"stop": split}) for i in range(0, len(pixels), batch_size)])
 
     def state(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
-        return merge_weights(self.pre, self.tau, self.layers, alpha)
+        """The merged weights of the layers this merger runs (all, unless ``above``)."""
+        if not self.split:
+            return merge_weights(self.pre, self.tau, self.layers, alpha)
+        keep = [l for l, stage in enumerate(self.stages) if stage >= self.split]
+        alpha = alpha if alpha.dim() == 1 else alpha[:, keep]
+        return merge_weights(self.pre, self.tau, [self.layers[l] for l in keep], alpha)
 
     def forward(self, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, state, (x,))
+        return functional_call(self.model, state, (x,), {"start": self.split})
 
     @torch.no_grad()
     def predict(self, alpha: torch.Tensor, pixels: torch.Tensor, batch_size: int = 256) -> np.ndarray:
@@ -73,6 +110,8 @@ class Merger:
 
     def task_predictions(self, pixels: torch.Tensor) -> np.ndarray:
         """[n, N]: each task model θ_pre + τ_i on the images."""
+        if self.split:
+            raise ValueError("a task model differs below the split: its predictions need the whole merger")
         n = self.bank.n
         return np.stack([self.predict(torch.eye(n)[i], pixels) for i in range(n)])
 

@@ -116,7 +116,14 @@ class ScoreModel(nn.Module):
         self.head = head
         self.register_buffer("template", torch.tensor(template, dtype=torch.float32), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The score; with ``stop``, ``trunk(images, stop)``; with ``start``, ``tail(images, start)`` of
+        features from ``trunk(·, start)``. Through ``forward``, so that ``functional_call`` runs the
+        split forwards with weights of its own."""
+        if stop is not None:
+            return self.trunk(images, stop)
+        if start:
+            return self.tail(images, start)
         return self.head_score(self.visual(images))
 
     def head_score(self, features: torch.Tensor) -> torch.Tensor:

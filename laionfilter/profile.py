@@ -23,7 +23,7 @@ from .calibrate import Calibration
 from .jobs import fit_processes, learning_threads
 from .fit import Fit
 from .jobs import run_jobs
-from .learn import fit_recipe, fit_recipes, learn_device
+from .learn import fit_recipe, fit_recipes, learn_device, shared_task_predictions
 from .log import progress_bar
 from .merger import Merger
 from .objective import Paired, Scored
@@ -114,6 +114,7 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
         for sup in table.supports:
             if len(sup.images) < 10:
                 note(f"user {sup.user!r}: {len(sup.images)} images; the method is meant for 10 or more")
+        preds = shared_task_predictions(merger, supports, [sup.images for sup in table.supports])
         if cfg.fit == "linear" and len(supports) > 1:
             # users side by side: each group's users split over the processes, written once the group is
             # done (an interruption loses one group's fits at most)
@@ -121,7 +122,9 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
             bar = progress_bar(total=len(supports), desc="learn", unit="user", disable=not progress)
             for g in range(0, len(supports), group):
                 part = supports[g:g + group]
-                work = [functools.partial(_fit_users, merger, part[k::processes], cfg) for k in range(processes)]
+                mine = preds[g:g + group]
+                work = [functools.partial(_fit_users, merger, part[k::processes], cfg, mine[k::processes])
+                        for k in range(processes)]
                 fits: list = [None] * len(part)
                 for k, done in enumerate(run_jobs(work, processes)):
                     fits[k::processes] = done
@@ -130,8 +133,8 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
                 bar.update(len(part))
             bar.close()
         else:
-            for sup, support in zip(table.supports, supports):
-                result = fit_recipe(merger, support, cfg, progress=progress, desc=f"learn {sup.user}",
+            for sup, support, p in zip(table.supports, supports, preds):
+                result = fit_recipe(merger, support, cfg, task_preds=p, progress=progress, desc=f"learn {sup.user}",
                                     processes=processes)
                 written.append(_save(sup, result, out, multi, bank, cfg, ratings, table.sha256))
         return written
@@ -141,9 +144,9 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
 USERS_PER_JOB = 32
 
 
-def _fit_users(merger: Merger, supports: list, cfg: LearnConfig, on_step=None) -> list[Fit]:
+def _fit_users(merger: Merger, supports: list, cfg: LearnConfig, task_preds: list[np.ndarray], on_step=None) -> list[Fit]:
     """``fit_recipes`` of these users, without the expansions (not sent back from a worker process)."""
-    return [replace(f, linearisations=()) for f in fit_recipes(merger, supports, cfg, on_step=on_step)]
+    return [replace(f, linearisations=()) for f in fit_recipes(merger, supports, cfg, task_preds, on_step=on_step)]
 
 
 def _save(sup, result: Fit, out: Path, multi: bool, bank: Bank, cfg: LearnConfig, ratings, sha256: str) -> Profile:

@@ -348,3 +348,49 @@ def test_a_pairs_fit_depends_on_its_pairs_not_on_the_images_that_come_with_them(
     among = fit(merger, Paired(torch.cat([sup.pixels[used], sup.pixels[rest]]), own), cfg)  # evaluate: every image
     torch.testing.assert_close(alone.alpha, among.alpha, atol=1e-5, rtol=1e-5)
     assert not torch.equal(alone.alpha, alone.alpha_init)
+
+
+@pytest.mark.parametrize("tune", ["head", "top-1"])
+def test_a_fit_of_the_top_runs_the_trunk_once_and_learns_what_the_whole_model_learns(small_bank, ratings_csv,
+                                                                                     tune, monkeypatch):
+    """With --tune head or top-N the layers below are the same for every step and user: their features
+    are computed once per image, and the fit (both fits, the folds and the calibration) ends where the
+    fit through the whole model does."""
+    from laionfilter.model import ScoreModel
+
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
+    support = Scored(sup.pixels[:24], sup.scores[:24])
+    merger = Merger(small_bank, torch.device("cpu"))
+    stems = []
+    embeds = ScoreModel.trunk
+    monkeypatch.setattr(ScoreModel, "trunk", lambda self, x, split: stems.append(len(x)) or embeds(self, x, split))
+    for how in ("backprop", "linear"):
+        cfg = LearnConfig(steps=12, refresh=5, lr=5e-2, batch_size=8, folds=3, device="cpu", fit=how, tune=tune)
+        stems.clear()
+        cached = fit_recipe(merger, support, cfg)
+        assert sum(stems) == len(support.pixels)  # every image through the trunk once, for 12 steps × 4 fits
+        with monkeypatch.context() as m:
+            m.setattr(ScoreModel, "splittable", lambda self: False)
+            whole = fit_recipe(merger, support, cfg)
+        torch.testing.assert_close(cached.alpha, whole.alpha, atol=2e-5, rtol=0)
+        np.testing.assert_allclose(cached.oof, whole.oof, atol=1e-4)
+        assert cached.support_srocc_after == pytest.approx(whole.support_srocc_after, abs=1e-6)
+        assert not torch.equal(cached.alpha, cached.alpha_init)
+
+
+def test_the_start_predicts_each_distinct_image_once_however_many_users_rated_it(small_bank, ratings_csv,
+                                                                                 monkeypatch):
+    from laionfilter.learn import shared_task_predictions
+
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
+    merger = Merger(small_bank, torch.device("cpu"))
+    picks = [np.arange(0, 12), np.arange(6, 20), np.array([19, 3, 0, 11])]  # overlapping, in another order
+    supports = [Scored(sup.pixels[p], sup.scores[p]) for p in picks]
+    keys = [[sup.images[i] for i in p] for p in picks]
+    seen = []
+    predict = Merger.task_predictions
+    monkeypatch.setattr(Merger, "task_predictions", lambda self, x: seen.append(len(x)) or predict(self, x))
+    shared = shared_task_predictions(merger, supports, keys)
+    assert seen == [20]  # images 0..19, once each
+    for s, p in zip(supports, shared):
+        np.testing.assert_allclose(p, predict(merger, s.pixels), rtol=0, atol=1e-5)
