@@ -45,28 +45,41 @@ def fit(merger: Merger, support: Support, cfg: LearnConfig, progress: bool = Fal
     return backprop(merger, support, cfg, start, progress, desc, on_step)
 
 
-def on_trunk(merger: Merger, supports: list[Support], cfg: LearnConfig) -> tuple[Merger, list[Support]]:
+def on_trunk(merger: Merger, supports: list[Support], cfg: LearnConfig,
+             keys: list[list[str]] | None = None) -> tuple[Merger, list[Support]]:
     """Where ``cfg`` learns only the top of the network (``--tune top-N`` or ``head``): the merger from
     the first tuned stage (``Merger.above``) and the supports with their images' features there in
-    place of the images, computed once for every step and fold. Otherwise (or already so) as given.
-    The task models' predictions need the images: take them first."""
+    place of the images, computed once for every step and fold, and with ``keys`` (one name per image
+    of each support) once per distinct image. Otherwise (or already so) as given. The task models'
+    predictions need the images: take them first."""
     split = 0 if merger.split or cfg.tune == "all" else merger.split_for(tuned_layers(merger.layers, cfg.tune))
     if not split:
         return merger, supports
-    return merger.above(split), [replace(s, pixels=merger.trunk(s.pixels, split)) for s in supports]
+    if keys is None:
+        return merger.above(split), [replace(s, pixels=merger.trunk(s.pixels, split)) for s in supports]
+    pixels, columns = _distinct(supports, keys)
+    features = merger.trunk(pixels, split)
+    return merger.above(split), [replace(s, pixels=features[c]) for s, c in zip(supports, columns)]
 
 
 def shared_task_predictions(merger: Merger, supports: list[Support], keys: list[list[str]]) -> list[np.ndarray]:
     """Each support set's task-model predictions ([n, N] each, as ``Merger.task_predictions``), every
     distinct image (``keys``: one name per image of each support) predicted once, however many support
     sets hold it: users who rated images of one pool share their start's passes."""
+    pixels, columns = _distinct(supports, keys)
+    preds = merger.task_predictions(pixels)
+    return [preds[:, c] for c in columns]
+
+
+def _distinct(supports: list[Support], keys: list[list[str]]) -> tuple[torch.Tensor, list[list[int]]]:
+    """The supports' distinct images (by key), stacked, and where each support's images are in them."""
     first: dict[str, tuple[int, int]] = {}
     for i, ks in enumerate(keys):
         for j, k in enumerate(ks):
             first.setdefault(k, (i, j))
     column = {k: c for c, k in enumerate(first)}
-    preds = merger.task_predictions(torch.stack([supports[i].pixels[j] for i, j in first.values()]))
-    return [preds[:, [column[k] for k in ks]] for ks in keys]
+    pixels = torch.stack([supports[i].pixels[j] for i, j in first.values()])
+    return pixels, [[column[k] for k in ks] for ks in keys]
 
 
 def fold_plan(n_img: int, cfg: LearnConfig) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -23,7 +23,7 @@ from .calibrate import Calibration
 from .jobs import fit_processes, learning_threads
 from .fit import Fit
 from .jobs import run_jobs
-from .learn import fit_recipe, fit_recipes, learn_device, shared_task_predictions
+from .learn import fit_recipe, fit_recipes, learn_device, on_trunk, shared_task_predictions
 from .log import progress_bar
 from .merger import Merger
 from .objective import Paired, Scored
@@ -114,7 +114,9 @@ def learn_profiles(ratings: str | os.PathLike, bank: Bank, out: str | os.PathLik
         for sup in table.supports:
             if len(sup.images) < 10:
                 note(f"user {sup.user!r}: {len(sup.images)} images; the method is meant for 10 or more")
-        preds = shared_task_predictions(merger, supports, [sup.images for sup in table.supports])
+        keys = [sup.images for sup in table.supports]
+        preds = shared_task_predictions(merger, supports, keys)
+        merger, supports = on_trunk(merger, supports, cfg, keys)
         if cfg.fit == "linear" and len(supports) > 1:
             # users side by side: each group's users split over the processes, written once the group is
             # done (an interruption loses one group's fits at most)

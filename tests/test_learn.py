@@ -394,3 +394,25 @@ def test_the_start_predicts_each_distinct_image_once_however_many_users_rated_it
     assert seen == [20]  # images 0..19, once each
     for s, p in zip(supports, shared):
         np.testing.assert_allclose(p, predict(merger, s.pixels), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["linear", "backprop"])
+def test_users_who_rated_the_same_images_share_the_start_and_the_trunk(small_bank, users_table, tmp_path, how,
+                                                                       monkeypatch):
+    """Two users over the same 24 images, --tune head: each image through the task models and the
+    trunk once for both, and each profile what that user learns alone."""
+    from laionfilter.model import ScoreModel
+
+    trunk_rows, pred_rows = [], []
+    trunk, predict = ScoreModel.trunk, Merger.task_predictions
+    monkeypatch.setattr(ScoreModel, "trunk", lambda self, x, split: trunk_rows.append(len(x)) or trunk(self, x, split))
+    monkeypatch.setattr(Merger, "task_predictions", lambda self, x: pred_rows.append(len(x)) or predict(self, x))
+    cfg = LearnConfig(steps=8, refresh=4, lr=5e-2, batch_size=8, folds=3, device="cpu", fit=how, tune="head")
+    profiles = learn_profiles(users_table, small_bank, tmp_path / "p", cfg, progress=False, jobs=1)
+    assert sum(trunk_rows) == 24 and pred_rows == [24]
+    supports = read_ratings(users_table, eval_transform(small_bank.architecture)).supports
+    merger = Merger(small_bank, torch.device("cpu"))
+    for sup, prof in zip(supports, profiles):
+        alone = fit_recipe(merger, Scored(sup.pixels, sup.scores), cfg)
+        torch.testing.assert_close(prof.alpha, alone.alpha, atol=2e-5, rtol=0)
+    assert not torch.equal(profiles[0].alpha, profiles[1].alpha)
