@@ -57,21 +57,26 @@ from laionfilter.model import eval_transform
 from laionfilter.objective import Scored
 from laionfilter.ratings import read_ratings
 from laionfilter.recipe import LearnConfig
-bank_path, ratings, device, steps, full, fit_name, tune = (sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]),
-                                                          sys.argv[5] == "1", sys.argv[6], sys.argv[7])
+bank_path, ratings, device, steps, full, fit_name, tune, drift = (sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                                                                 sys.argv[5] == "1", sys.argv[6], sys.argv[7], float(sys.argv[8]))
 def hwm():
     return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 def sync():
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 out = {"import_s": round(time.perf_counter() - t0, 2)}
-cfg = LearnConfig(device=device, fit=fit_name, tune=tune)
+cfg = LearnConfig(device=device, fit=fit_name, tune=tune, drift=drift)
 t = time.perf_counter(); bank = load_bank(bank_path); merger = None if full else Merger(bank, learn_device(cfg)); sync()
 out["load_s"] = round(time.perf_counter() - t, 2)
 if full:  # learn alone in this process, so that its peak memory is its own
     from laionfilter.profile import learn_profiles
     t = time.perf_counter()
+    passes = []
+    linearise = Merger.linearise
+    Merger.linearise = lambda self, *a, **k: passes.append(1) or linearise(self, *a, **k)  # counted, not changed
     learn_profiles(ratings, bank, ratings + ".profile", cfg, progress=False)
+    if fit_name == "linear":
+        out["passes"] = len(passes)
     out["learn_s"] = round(time.perf_counter() - t, 1)
     out["end_to_end_s"] = round(time.perf_counter() - t0, 1)  # the imports and the bank's load too
     out["peak_rss_mib"] = round(hwm())
@@ -220,6 +225,7 @@ def main() -> None:
     ap.add_argument("--fit", action="append", choices=("backprop", "linear"),
                     help="the fits of the --full runs (default: backprop, the default recipe's)")
     ap.add_argument("--tune", action="append", help="the --tune values of the --full runs (default: all)")
+    ap.add_argument("--drift", type=float, default=0.0, help="LearnConfig.drift of the --full runs")
     ap.add_argument("--direct", action="store_true", help="write the bank directly (random task vectors)")
     ap.add_argument("--no-phases", action="store_true", help="only the --full runs")
     ap.add_argument("--users", type=int, help="instead: this many users at once on the starter bank")
@@ -256,9 +262,10 @@ def main() -> None:
                 runs += [("1", f, t) for f in args.fit or ["backprop"] for t in args.tune or ["all"]]
             for full, fit_name, tune in runs:
                 r = subprocess.run([sys.executable, "-c", CHILD, str(bank), str(ratings), args.device, str(args.steps),
-                                    full, fit_name, tune], capture_output=True, text=True)
+                                    full, fit_name, tune, str(args.drift)], capture_output=True, text=True)
                 got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-2000:]}
-                row.update(got if full == "0" else {f"full_{fit_name}" + ("" if tune == "all" else f"_tune_{tune}"): got})
+                key = f"full_{fit_name}" + ("" if tune == "all" else f"_tune_{tune}") + (f"_drift_{args.drift}" if args.drift else "")
+                row.update(got if full == "0" else {key: got})
                 print(json.dumps(row), flush=True)
                 if args.json:  # after every run, so that a stopped benchmark keeps what it measured
                     args.json.write_text(json.dumps(res, indent=1) + "\n")

@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=3)
     ap.add_argument("--shots", type=int, default=100)
     ap.add_argument("--refresh", default="100,25,10")
+    ap.add_argument("--drift", default="", help="also the linear fit refreshed on these moves (LearnConfig.drift)")
+    ap.add_argument("--no-backprop", action="store_true", help="leave out the paper's fit")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -57,7 +59,9 @@ def main() -> None:
     supports = read_ratings(table, eval_transform(bank.architecture)).supports[:args.users]
     base = LearnConfig(device="cpu", calibration="none")
     methods = {"backprop": base, **{f"linear, refresh {r}": replace(base, fit="linear", refresh=int(r))
-                                    for r in args.refresh.split(",")}}
+                                    for r in args.refresh.split(",") if r}}
+    methods.update({f"linear, drift {d}": replace(base, fit="linear", drift=float(d)) for d in args.drift.split(",") if d})
+    methods = {k: v for k, v in methods.items() if k != "backprop" or not args.no_backprop}
     rows = []
     for u, sup in enumerate(supports):
         order = np.random.default_rng(u).permutation(len(sup.pixels))

@@ -12,7 +12,8 @@ one (issue 32). Populations (12 users each unless --users says otherwise):
   coarse    photo crops as in `photos`, rated by noisy, inconsistent raters on a 1–5 scale (rating
             noise σ 0.15 of the range, and one rating in ten drawn at random)
   single    photo crops, users close to a single task: 0.9 of the weight on one criterion
-  sealed    held out: generated only after the settings were fixed, by --sealed-seed (chosen then);
+  sealed    held out: generated only after the settings were fixed, by --sealed-seed (chosen then;
+            sealed-SEED names another, made later, by the same recipe);
             procedural scenes with a different mix of properties (and brightness), 1–10 scale, noisy
 
     python benchmarks/populations.py --populations photos,against,scenes,coarse,single --shots 10 \
@@ -53,7 +54,8 @@ def methods(steps: int) -> dict[str, LearnConfig | str]:
     ms = methods_named(base, [ZERO_SHOT, BEST_SINGLE, PAPER, LINEAR])
     return {**ms, f"{LINEAR}, refresh 50": replace(ms[LINEAR], refresh=50),
             f"{LINEAR}, refresh 250": replace(ms[LINEAR], refresh=250),
-            f"{PAPER}, --tune head": replace(ms[PAPER], tune="head")}
+            f"{PAPER}, --tune head": replace(ms[PAPER], tune="head"),
+            **{f"{LINEAR}, drift {d}": replace(ms[LINEAR], drift=d) for d in (0.03, 0.05)}}
 
 
 COVERED = ["sharpness", "noise", "exposure", "colourfulness", "contrast", "warmth"]
@@ -197,7 +199,7 @@ def build(name: str, root: Path, users: int, images: int, seed: int, sealed_seed
         return coarse(simulate_users(out, users, images, seed + 4), seed + 4)
     if name == "single":
         return simulate_users(out, users, images, seed + 5, single=True)
-    if name == "sealed":
+    if name.startswith("sealed"):  # sealed, or sealed-SEED for another one made later
         if sealed_seed is None:
             sys.exit("the sealed population needs --sealed-seed, chosen once the settings are fixed")
         return scene_users(out, users, images, sealed_seed, ["warmth", "centred", "clutter", "size", "brightness"], 0.1)

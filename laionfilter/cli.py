@@ -414,9 +414,11 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
                    "of the cost, and 0.015-0.043 SROCC below backprop on the held-out simulated users).")
 @click.option("--refresh", type=int, default=RECIPE.refresh, show_default=True,
               help="--fit linear: steps between linearisations.")
+@click.option("--drift", type=float, default=RECIPE.drift, show_default=True,
+              help="--fit linear: linearise again sooner, once the coefficients have moved by this RMS (0: never).")
 @click.option("--folds", type=int, default=RECIPE.folds, show_default=True, help="Folds of the out-of-fold predictions.")
 def learn(ratings, bank_path, out, shards, tune, calibration, seed, device, threads, jobs, allow_pipe, as_json, init,
-          temperature, loss, layer_agnostic, steps, lr, batch_size, fit, refresh, folds):
+          temperature, loss, layer_agnostic, steps, lr, batch_size, fit, refresh, drift, folds):
     """Learn a personal profile (n × L task-vector coefficients) from a user's ratings.
 
     \b
@@ -428,7 +430,7 @@ def learn(ratings, bank_path, out, shards, tune, calibration, seed, device, thre
 
     cfg = LearnConfig(init=init, temperature=temperature, loss=loss, layer_agnostic=layer_agnostic, tune=tune,
                       steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device, calibration=calibration,
-                      folds=folds, fit=fit, refresh=refresh)
+                      folds=folds, fit=fit, refresh=refresh, drift=drift)
     profiles = learn_profiles(ratings, resolve_bank(bank_path), out, cfg, shards=shards, threads=threads, jobs=jobs,
                               allow_pipe=allow_pipe)
     if as_json:

@@ -17,6 +17,7 @@ the batched steps are not.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -95,6 +96,11 @@ def _stack(lins: list[Linearisation], images: int, L: int) -> tuple[torch.Tensor
     return point, scores, grads
 
 
+def _moved(alpha: torch.Tensor, point: torch.Tensor, tuned: torch.Tensor) -> float:
+    """How far ``alpha`` is from an expansion's ``point``: the RMS of the tuned coefficients' moves."""
+    return float((alpha - point)[:, tuned].pow(2).mean().sqrt())
+
+
 def fit_linear(merger: Merger, supports: list[Support], cfg: LearnConfig, starts: list[Start],
                replays: list[tuple[Linearisation, ...]] | None = None, measure: bool = True, progress: bool = False,
                desc: str = "learn", on_step: Callable[[int], Any] | None = None) -> list[Fit]:
@@ -124,21 +130,25 @@ def fit_linear(merger: Merger, supports: list[Support], cfg: LearnConfig, starts
         all_units[i, :k] = True
     curve = torch.full((cfg.steps, B), float("nan"))
     made: list[list[Linearisation]] = [[] for _ in supports]
+    current: list[Linearisation | None] = [None] * B
     point = lin_scores = lin_grads = None
     bar = progress_bar(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
         if on_step:
             on_step(B)
-        k = step // cfg.refresh
-        if step % cfg.refresh == 0:
-            full = alpha if not agnostic else alpha[:, :, None].expand(B, n, L)
-            if replays is not None:
-                lins = [r[min(k, len(r) - 1)] for r in replays]
-            else:
-                for i, s in enumerate(supports):
-                    made[i].append(merger.linearise(full[i], s.pixels, tuned))
-                lins = [mk[-1] for mk in made]
-            point, lin_scores, lin_grads = _stack(lins, terms.images, L)
+        full = alpha if not agnostic else alpha[:, :, None].expand(B, n, L)
+        if replays is not None:  # the latest expansion the replayed fit had made by this step
+            lins = [max((lin for lin in r if lin.step <= step), key=lambda lin: lin.step) for r in replays]
+            due = [i for i in range(B) if lins[i] is not current[i]]
+            current = list(lins)
+        else:
+            due = [i for i, c in enumerate(current) if c is None or step - c.step >= cfg.refresh
+                   or (cfg.drift and _moved(full[i], c.alpha, tuned) > cfg.drift)]
+            for i in due:
+                current[i] = replace(merger.linearise(full[i], supports[i].pixels, tuned), step=step)
+                made[i].append(current[i])
+        if due:
+            point, lin_scores, lin_grads = _stack(current, terms.images, L)
         lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_end)
         if all(b == k for b, k in zip(batch, terms.units)):
             chosen = all_units

@@ -36,6 +36,7 @@ class Linearisation:
     alpha: torch.Tensor
     scores: torch.Tensor  # [N]: s_j(α₀)
     grads: torch.Tensor  # [N, n, L]: ∂s_j/∂α at α₀ (0 for a layer not tuned)
+    step: int = 0  # the fit's step it was made at: a replay steps on it from there
 
     def __call__(self, alpha: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The linear model's scores at ``alpha`` ([n, L]), of the images ``idx`` (default: all)."""
@@ -45,7 +46,7 @@ class Linearisation:
     def take(self, idx: np.ndarray | torch.Tensor) -> Linearisation:
         """The same expansion on a subset of its images."""
         idx = torch.as_tensor(idx, device=self.scores.device)
-        return Linearisation(self.alpha, self.scores[idx], self.grads[idx])
+        return Linearisation(self.alpha, self.scores[idx], self.grads[idx], self.step)
 
 
 class Merger:

@@ -416,3 +416,29 @@ def test_users_who_rated_the_same_images_share_the_start_and_the_trunk(small_ban
         alone = fit_recipe(merger, Scored(sup.pixels, sup.scores), cfg)
         torch.testing.assert_close(prof.alpha, alone.alpha, atol=2e-5, rtol=0)
     assert not torch.equal(profiles[0].alpha, profiles[1].alpha)
+
+
+def test_the_linear_fit_linearises_again_once_alpha_has_drifted(small_bank, ratings_csv):
+    """--drift: a new expansion as soon as the tuned coefficients have moved by that RMS, each support
+    set on its own schedule when fitted side by side, and its folds replay the steps it was made at."""
+    from laionfilter.linearised import _moved
+
+    sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
+    merger = Merger(small_bank, torch.device("cpu"))
+    support = Scored(sup.pixels, sup.scores)
+    cfg = LearnConfig(steps=30, refresh=1000, lr=5e-2, fit="linear", device="cpu", calibration="none")
+    assert len(fit(merger, support, cfg).linearisations) == 1
+    r = fit(merger, support, replace(cfg, drift=0.05))
+    lins = r.linearisations
+    assert len(lins) > 2 and [lin.step for lin in lins] == sorted({lin.step for lin in lins}) and lins[0].step == 0
+    tuned = torch.ones(len(small_bank.layers), dtype=torch.bool)
+    assert all(_moved(b.alpha, a.alpha, tuned) > 0.05 for a, b in zip(lins, lins[1:]))
+    cfg = replace(cfg, drift=0.05, calibration="linear", folds=3, batch_size=8)
+    supports = [Scored(sup.pixels[:12], sup.scores[:12]), support]
+    together = fit_recipes(merger, supports, cfg)
+    for s, t in zip(supports, together):
+        alone = fit_recipe(merger, s, cfg)
+        torch.testing.assert_close(t.alpha, alone.alpha, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(t.oof, alone.oof, atol=1e-4)
+        assert [lin.step for lin in t.linearisations] == [lin.step for lin in alone.linearisations]
+    assert [lin.step for lin in together[0].linearisations] != [lin.step for lin in together[1].linearisations]
