@@ -472,6 +472,8 @@ def inspect(profile_path, as_json, plot):
     click.echo(f"profile {info['name']!r} on bank {info['bank']['fingerprint'][:16]} ({info['bank']['path']})")
     c = info["config"]
     fitted = f"{c.get('fit', 'backprop')} fit" + (f", refreshed every {c['refresh']}" if c.get("fit") == "linear" else "")
+    if c.get("fit") == "linear" and c.get("drift"):
+        fitted += f" and on an RMS move of {c['drift']}"
     click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={info['start_temperature']}), "
                f"loss {c['loss']}, {'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps "
                f"({fitted}), seed {c['seed']}")
