@@ -64,7 +64,7 @@ class LearnConfig:
     refresh: int = 100
     # ... and sooner, once the tuned coefficients have moved by this RMS from the expansion's point (0:
     # never). The first steps move every coefficient by the full learning rate and leave the linear
-    # region within a few steps; drift 0.05 kept the linear fit within 0.007 of the paper's fit on
+    # region within a few steps; drift 0.05 kept the linear fit no more than 0.007 below the paper's fit on
     # every population measured, at about ten times the passes.
     drift: float = 0.0
 
