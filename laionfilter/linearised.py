@@ -96,9 +96,10 @@ def _stack(lins: list[Linearisation], images: int, L: int) -> tuple[torch.Tensor
     return point, scores, grads
 
 
-def _moved(alpha: torch.Tensor, point: torch.Tensor, tuned: torch.Tensor) -> float:
-    """How far ``alpha`` is from an expansion's ``point``: the RMS of the tuned coefficients' moves."""
-    return float((alpha - point)[:, tuned].pow(2).mean().sqrt())
+def _moved(alpha: torch.Tensor, point: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """How far ``alpha`` ([..., n, L]) is from an expansion's ``point``: the RMS of the tuned
+    coefficients' moves, per support set."""
+    return (alpha - point)[..., tuned].pow(2).mean(dim=(-2, -1)).sqrt()
 
 
 def fit_linear(merger: Merger, supports: list[Support], cfg: LearnConfig, starts: list[Start],
@@ -131,19 +132,22 @@ def fit_linear(merger: Merger, supports: list[Support], cfg: LearnConfig, starts
     curve = torch.full((cfg.steps, B), float("nan"))
     made: list[list[Linearisation]] = [[] for _ in supports]
     current: list[Linearisation | None] = [None] * B
+    at = [0] * B  # replays: the index of the expansion stepped on
     point = lin_scores = lin_grads = None
     bar = progress_bar(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
         if on_step:
             on_step(B)
         full = alpha if not agnostic else alpha[:, :, None].expand(B, n, L)
-        if replays is not None:  # the latest expansion the replayed fit had made by this step
-            lins = [max((lin for lin in r if lin.step <= step), key=lambda lin: lin.step) for r in replays]
-            due = [i for i in range(B) if lins[i] is not current[i]]
-            current = list(lins)
+        if replays is not None:  # the latest expansion the replayed fit had made by this step (made in step order)
+            due = [i for i, r in enumerate(replays) if at[i] + 1 < len(r) and r[at[i] + 1].step <= step]
+            for i in due:
+                at[i] += 1
+            current = [r[k] for r, k in zip(replays, at)]
+            due = due if step else list(range(B))
         else:
-            due = [i for i, c in enumerate(current) if c is None or step - c.step >= cfg.refresh
-                   or (cfg.drift and _moved(full[i], c.alpha, tuned) > cfg.drift)]
+            far = (_moved(full, point, tuned) > cfg.drift).tolist() if cfg.drift and point is not None else [False] * B
+            due = [i for i, c in enumerate(current) if c is None or step - c.step >= cfg.refresh or far[i]]
             for i in due:
                 current[i] = replace(merger.linearise(full[i], supports[i].pixels, tuned), step=step)
                 made[i].append(current[i])
