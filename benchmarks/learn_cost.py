@@ -19,12 +19,12 @@ ViT-L-14 checkpoints would spend much of the lease.
 
 ``--users N`` instead measures many users at once on the starter bank: N users, each rating 10 images
 drawn from a pool of 2,000 crops of the bank's reserved photos (scores from a random linear taste over
-simple image statistics), learned by one `learn --fit linear`; its wall time, and for
+simple image statistics), learned by one `learn` (the default recipe, or ``--fit``/``--drift``); its wall time, and for
 ``--alone K`` of them, each learned alone: the largest difference of coefficients and of SROCC on the
 user's test images (another 100 of the pool, rated by the same taste) between the two.
 
     python benchmarks/learn_cost.py --arch ViT-B-16 --ratings 10 --steps 5 --json learn-cost.json
-    python benchmarks/learn_cost.py --full ViT-B-16:10 --fit linear --no-phases --json learn-cost-linear.json
+    python benchmarks/learn_cost.py --full ViT-B-16:10 --no-phases --json learn-cost-default.json
     python benchmarks/learn_cost.py --device cuda --direct --full ViT-B-16:10 --json learn-cost-gpu.json
     python benchmarks/learn_cost.py --users 1000 --json benchmarks/results/learn-users-epyc.json
 """
@@ -44,6 +44,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from import_bank import make_files  # noqa: E402
+
+from laionfilter.recipe import FITS, LearnConfig  # noqa: E402  (no torch: the runs import it in their own processes)
+
+RECIPE = LearnConfig()
 
 CHILD = r"""
 import json, re, sys, time
@@ -142,9 +146,10 @@ t0 = time.perf_counter()
 from laionfilter.bank import resolve_bank
 from laionfilter.profile import learn_profiles
 from laionfilter.recipe import LearnConfig
-table, out = sys.argv[1], sys.argv[2]
+table, out, fit_name, drift = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 t = time.perf_counter()
-profiles = learn_profiles(table, resolve_bank("starter"), out, LearnConfig(device="cpu", fit="linear"), progress=False)
+profiles = learn_profiles(table, resolve_bank("starter"), out, LearnConfig(device="cpu", fit=fit_name, drift=drift),
+                          progress=False)
 print(json.dumps({"import_s": round(t - t0, 2), "learn_s": round(time.perf_counter() - t, 1), "profiles": len(profiles),
                   "peak_rss_mib": round(int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024)}))
 """
@@ -177,7 +182,7 @@ def users_table(root: Path, users: int, pool: int = 2000, per_user: int = 10, te
     return root / "users.csv", tests
 
 
-def many_users(users: int, alone: int, work: Path) -> dict:
+def many_users(users: int, alone: int, work: Path, cfg) -> dict:
     import torch
 
     from laionfilter.bank import resolve_bank
@@ -188,14 +193,20 @@ def many_users(users: int, alone: int, work: Path) -> dict:
     from laionfilter.objective import Scored
     from laionfilter.profile import load_profile
     from laionfilter.ratings import read_ratings
-    from laionfilter.recipe import LearnConfig
 
     table, tests = users_table(work, users)
-    r = subprocess.run([sys.executable, "-c", USERS_CHILD, str(table), str(work / "profiles")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", USERS_CHILD, str(table), str(work / "profiles"), cfg.fit, str(cfg.drift)],
+                       capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"learn failed: {r.stderr[-2000:]}")
-    row = {"users": users, "ratings_per_user": 10, "pool": 2000, **json.loads(r.stdout.strip().splitlines()[-1])}
+    row = {"users": users, "ratings_per_user": 10, "pool": 2000, "fit": cfg.fit, "drift": cfg.drift, **json.loads(r.stdout.strip().splitlines()[-1])}
     row["seconds_per_user"] = round(row["learn_s"] / users, 3)
+    steps = [load_profile(p).meta.get("linearised_at", []) for p in sorted((work / "profiles").glob("*.profile"))]
+    if any(steps):  # a linear fit's passes per user (its final fit's; the out-of-fold fits replay them)
+        passes = np.array([len(s) for s in steps])
+        early = sum(1 for s in steps for k in s if k < 150) / passes.sum()
+        row.update(passes_per_user={"min": int(passes.min()), "median": float(np.median(passes)),
+                                    "max": int(passes.max())}, share_of_passes_before_step_150=round(early, 3))
     bank = resolve_bank("starter")
     transform = eval_transform(bank.architecture)
     merger = Merger(bank, torch.device("cpu"))
@@ -203,7 +214,7 @@ def many_users(users: int, alone: int, work: Path) -> dict:
     diffs, dsrocc = [], []
     torch.set_num_threads(1)
     for sup in supports:
-        one = fit_recipe(merger, Scored(sup.pixels, sup.scores), LearnConfig(device="cpu", fit="linear"))
+        one = fit_recipe(merger, Scored(sup.pixels, sup.scores), cfg)
         together = load_profile(work / "profiles" / f"{sup.user}.profile")
         idx, y = tests[sup.user]
         px = torch.stack([transform(work / "pool" / f"{i:04d}.png") for i in idx])
@@ -222,10 +233,11 @@ def main() -> None:
     ap.add_argument("--full", action="append", default=[], metavar="ARCH:N",
                     help="also run `learn` with the default recipe end to end for this bank and ratings count "
                          "(e.g. ViT-B-16:10)")
-    ap.add_argument("--fit", action="append", choices=("backprop", "linear"),
-                    help="the fits of the --full runs (default: backprop, the default recipe's)")
+    ap.add_argument("--fit", action="append", choices=FITS,
+                    help=f"the fits of the --full and --users runs (default: {RECIPE.fit}, the default recipe's)")
     ap.add_argument("--tune", action="append", help="the --tune values of the --full runs (default: all)")
-    ap.add_argument("--drift", type=float, default=0.0, help="LearnConfig.drift of the --full runs")
+    ap.add_argument("--drift", type=float, default=RECIPE.drift,
+                    help="LearnConfig.drift of the --fit linear runs (default: the default recipe's)")
     ap.add_argument("--direct", action="store_true", help="write the bank directly (random task vectors)")
     ap.add_argument("--no-phases", action="store_true", help="only the --full runs")
     ap.add_argument("--users", type=int, help="instead: this many users at once on the starter bank")
@@ -235,7 +247,8 @@ def main() -> None:
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lf-learn-cost-"))
     if args.users:
-        row = many_users(args.users, args.alone, work)
+        row = many_users(args.users, args.alone, work,
+                         LearnConfig(device="cpu", fit=(args.fit or [RECIPE.fit])[0], drift=args.drift))
         print(json.dumps(row))
         if args.json:
             args.json.write_text(json.dumps(row, indent=1) + "\n")
@@ -259,12 +272,13 @@ def main() -> None:
             res["runs"].append(row)
             runs = [] if args.no_phases else [("0", "linear", "all")]
             if f"{arch}:{n}" in args.full:
-                runs += [("1", f, t) for f in args.fit or ["backprop"] for t in args.tune or ["all"]]
+                runs += [("1", f, t) for f in args.fit or [RECIPE.fit] for t in args.tune or ["all"]]
             for full, fit_name, tune in runs:
                 r = subprocess.run([sys.executable, "-c", CHILD, str(bank), str(ratings), args.device, str(args.steps),
                                     full, fit_name, tune, str(args.drift)], capture_output=True, text=True)
                 got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-2000:]}
-                key = f"full_{fit_name}" + ("" if tune == "all" else f"_tune_{tune}") + (f"_drift_{args.drift}" if args.drift else "")
+                drifts = fit_name == "linear" and args.drift
+                key = f"full_{fit_name}" + ("" if tune == "all" else f"_tune_{tune}") + (f"_drift_{args.drift}" if drifts else "")
                 row.update(got if full == "0" else {key: got})
                 print(json.dumps(row), flush=True)
                 if args.json:  # after every run, so that a stopped benchmark keeps what it measured

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# learn_cost.py on a lent GPU machine, most wanted first, each stage in a time box so that an overrun
-# still returns what was measured. Results: $OUT/*.json (or ./gpu-results when OUT is unset).
+# learn_cost.py on a lent GPU machine (--full runs the default recipe unless said), most wanted first,
+# each stage in a time box so that an overrun still returns what was measured. Results: $OUT/*.json
+# (or ./gpu-results when OUT is unset).
 # Usage, from the repository root: bash benchmarks/learn_cost_gpu.sh
 set -u
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
@@ -17,5 +18,5 @@ python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_cli
 stage 80 b16 --arch ViT-B-16 --ratings 10 --ratings 100 --steps 20
 stage 140 b16-full --arch ViT-B-16 --ratings 10 --no-phases --full ViT-B-16:10
 stage 170 l14 --arch ViT-L-14 --ratings 10 --steps 20 --full ViT-L-14:10
-stage 70 linear --arch ViT-B-16 --arch ViT-L-14 --ratings 10 --no-phases --fit linear --full ViT-B-16:10 --full ViT-L-14:10
-stage 100 b16-100 --arch ViT-B-16 --ratings 100 --no-phases --full ViT-B-16:100
+stage 70 linear --arch ViT-B-16 --arch ViT-L-14 --ratings 10 --no-phases --drift 0 --full ViT-B-16:10 --full ViT-L-14:10
+stage 200 b16-100 --arch ViT-B-16 --ratings 100 --no-phases --full ViT-B-16:100

@@ -78,8 +78,8 @@ threads_option = click.option(
                                 "which slow down sharply beside other busy processes; every core otherwise).")
 jobs_option = click.option(
     "--jobs", type=int,
-    help="Processes at once on the CPU, each on one thread: learn's out-of-fold fits and final fit, suggest's "
-         "fits, evaluate's splits [default: one per core for small models such as the starter bank's, whose "
+    help="Processes at once on the CPU, each on one thread: learn's users (and a backprop fit's fold fits), "
+         "suggest's fits, evaluate's splits [default: one per core for small models such as the starter bank's, whose "
          "fits run on one thread anyway; else 1, and 1 on a GPU]. Env: LAIONFILTER_JOBS.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
@@ -409,9 +409,9 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...]:
 @click.option("--lr", type=float, default=RECIPE.lr, show_default=True, help="Start of the cosine schedule (ends at lr/10).")
 @click.option("--batch-size", type=int, default=RECIPE.batch_size, show_default=True)
 @click.option("--fit", type=click.Choice(FITS), default=RECIPE.fit, show_default=True,
-              help="How the steps are taken: through the model at every step (backprop, the paper's), or on the "
-                   "model linearised in the coefficients, made again every --refresh steps (linear: a fraction "
-                   "of the cost, and 0.015-0.043 SROCC below backprop on the held-out simulated users).")
+              help="How the steps are taken: on the model linearised in the coefficients, made again every "
+                   "--refresh steps and on a --drift move (linear: 0.007 SROCC or less from backprop on the simulated "
+                   "users, at about 1/36 of its passes), or through the model at every step (backprop, the paper's).")
 @click.option("--refresh", type=int, default=RECIPE.refresh, show_default=True,
               help="--fit linear: steps between linearisations.")
 @click.option("--drift", type=float, default=RECIPE.drift, show_default=True,
@@ -477,6 +477,10 @@ def inspect(profile_path, as_json, plot):
     click.echo(f"  learned from {info['ratings']['images']} images; init {c['init']} (T={info['start_temperature']}), "
                f"loss {c['loss']}, {'layer-agnostic' if c['layer_agnostic'] else 'layer-wise'}, {c['steps']} steps "
                f"({fitted}), seed {c['seed']}")
+    if info.get("linearised_at"):
+        steps = info["linearised_at"]
+        click.echo(f"  linearised {len(steps)} times (a pass over the rated images each), at steps "
+                   f"{', '.join(map(str, steps[:8]))}{', …' if len(steps) > 8 else ''}")
     w = max(len(t["name"]) for t in info["tasks"])
     click.echo(f"\n  {'task':<{w}}  zero-shot SROCC  α init  α mean  α min..max")
     for t in info["tasks"]:

@@ -56,7 +56,8 @@ METHODS: dict[str, Callable[[LearnConfig], LearnConfig | str]] = {
     "layer-agnostic": lambda base: replace(paper_recipe(base), layer_agnostic=True),
     "MSE loss": lambda base: replace(paper_recipe(base), loss="mse"),
     "the default": lambda base: base,
-    "the linear fit": lambda base: replace(base, fit="linear"),
+    # the linearised fit refreshed every --refresh steps only, as first measured (the default adds --drift)
+    "the linear fit": lambda base: replace(base, fit="linear", drift=0.0),
 }
 
 

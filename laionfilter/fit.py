@@ -42,7 +42,8 @@ class Fit:
     support_srocc_after: float
     loss_curve: dict[str, Any]
     seconds: float
-    linearisations: tuple[Linearisation, ...] = ()  # fit "linear": the expansions it stepped on, in order
+    linearisations: tuple[Linearisation, ...] = ()  # fit "linear": the expansions it made, in order
+    linearised_at: tuple[int, ...] = ()  # ... the steps they were made at: kept where the expansions are dropped
     # What ``learn.fit_recipe`` adds from out-of-fold fits on a support set of ratings:
     oof: np.ndarray | None = None  # each support image's score by a fit that never saw it
     oof_srocc: float | None = None

@@ -2,10 +2,11 @@
 
 Every ``refresh`` steps each support set's images get the merged model's first-order expansion at its
 current α (``Merger.linearise``: one forward and backward per image); the steps in between run on
-that linear model, s_j(α) ≈ s_j(α₀) + ⟨g_j, α − α₀⟩, and cost a few tensor products: where 100 steps
-on one expansion carry α away from it, the next expansion takes the network's word again. It is not
-the default: within 0.003 SROCC of the paper's fit on the populations its settings were chosen on, it
-was 0.015–0.043 below it on the sealed one (benchmarks/README.md, "Learning quality").
+that linear model, s_j(α) ≈ s_j(α₀) + ⟨g_j, α − α₀⟩, and cost a few tensor products. A support set
+is expanded again sooner once its tuned coefficients have moved by an RMS of ``drift`` from the
+expansion's point: the first steps leave the linear region within a few steps, and without the
+drift rule the fit was up to 0.043 SROCC below the paper's on a sealed population. With drift 0.05
+(the default) it was never more than 0.007 below it (benchmarks/README.md, "Learning quality").
 
 The support sets (one user's, the folds of one user's, or a thousand users') are fitted side by side
 as one batch of independent problems: each has its own coefficients, start, expansion, loss, batch
@@ -197,5 +198,6 @@ def fit_linear(merger: Merger, supports: list[Support], cfg: LearnConfig, starts
         fits.append(Fit(alpha=a_i, alpha_init=s0.float().cpu().clone().contiguous(), tuned=st.tuned.cpu(),
                         zero_shot_srocc=st.zero_shot_srocc, support_srocc_before=before, support_srocc_after=after,
                         loss_curve=loss_curve([x for x in curve[:, i].tolist() if x == x]), linearisations=lins,
+                        linearised_at=tuple(lin.step for lin in lins),
                         seconds=seconds))
     return fits

@@ -177,6 +177,8 @@ def _save(sup, result: Fit, out: Path, multi: bool, bank: Bank, cfg: LearnConfig
         "support_metric": "SROCC" if sup.pairs is None else "pair agreement (2·fraction ordered − 1)",
         "learn_seconds": result.seconds,
     }
+    if result.linearised_at:  # a linear fit: the steps it linearised at, one pass over the images each
+        meta["linearised_at"] = list(result.linearised_at)
     if result.calibration is not None:
         meta["out_of_fold"] = {"folds": result.folds, "srocc": result.oof_srocc}
         meta["calibration"] = result.calibration.to_json()
@@ -201,6 +203,7 @@ def profile_summary(profile: Profile) -> dict[str, Any]:
         "start_temperature": m["init"]["temperature"],
         "ratings": m["ratings"],
         "loss_curve": {k: v for k, v in m["loss_curve"].items() if k != "values"},
+        "linearised_at": m.get("linearised_at"),
         "out_of_fold": m.get("out_of_fold"),
         "calibration": m.get("calibration"),
     }

@@ -201,15 +201,20 @@ def test_cli_learn_per_user_and_inspect(tmp_path, small_bank, ratings_csv):
 
     info = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile"), "--json"]).output)
     assert len(info["tasks"]) == 3 and info["name"] == "ann"
-    assert info["config"]["init"] == "adaptive" and info["config"]["fit"] == "backprop"
+    assert info["config"]["init"] == "adaptive" and info["config"]["fit"] == "linear" and info["config"]["drift"] == 0.05
     r = runner.invoke(cli, ["inspect", str(tmp_path / "profiles" / "ann.profile")])
-    assert "init adaptive (T=1.0)" in r.output and "(backprop fit)" in r.output
-    r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / "lin"),
+    assert "init adaptive (T=1.0)" in r.output
+    assert "(linear fit, refreshed every 100 and on an RMS move of 0.05)" in r.output
+    steps = info["linearised_at"]  # the final fit's expansions: the first at the start, then as the drift rule says
+    assert steps[0] == 0 and steps == sorted(set(steps))
+    assert f"linearised {len(steps)} times" in r.output
+    r = runner.invoke(cli, ["learn", str(ratings), "--bank", str(small_bank.path), "--out", str(tmp_path / "bp"),
                             "--steps", "3", "--device", "cpu", "--calibration", "none", "--temperature", "0.25",
-                            "--fit", "linear", "--refresh", "2"])
+                            "--fit", "backprop"])
     assert r.exit_code == 0, r.output
-    config = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "lin" / "ann.profile"), "--json"]).output)["config"]
-    assert config["temperature"] == 0.25 and config["fit"] == "linear" and config["refresh"] == 2
+    config = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "bp" / "ann.profile"), "--json"]).output)["config"]
+    assert config["temperature"] == 0.25 and config["fit"] == "backprop"
+    assert "(backprop fit)" in runner.invoke(cli, ["inspect", str(tmp_path / "bp" / "ann.profile")]).output
 
 
 def test_the_recorded_start_is_the_initialisation_and_stays_put(small_bank, ratings_csv):
@@ -227,7 +232,7 @@ def test_the_linear_fit_steps_on_expansions_made_every_refresh_steps(small_bank,
     agrees with the model near it; there is one per ``refresh`` steps, the first at the start."""
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
-    r = fit(merger, Scored(sup.pixels, sup.scores), LearnConfig(steps=10, refresh=4, lr=5e-2, fit="linear"))
+    r = fit(merger, Scored(sup.pixels, sup.scores), LearnConfig(steps=10, refresh=4, lr=5e-2, fit="linear", drift=0.0))
     assert len(r.linearisations) == 3  # steps 0, 4 and 8
     assert torch.equal(r.linearisations[0].alpha, r.alpha_init)
     for lin in r.linearisations:
@@ -426,7 +431,7 @@ def test_the_linear_fit_linearises_again_once_alpha_has_drifted(small_bank, rati
     sup = read_ratings(ratings_csv, eval_transform(small_bank.architecture)).supports[0]
     merger = Merger(small_bank, torch.device("cpu"))
     support = Scored(sup.pixels, sup.scores)
-    cfg = LearnConfig(steps=30, refresh=1000, lr=5e-2, fit="linear", device="cpu", calibration="none")
+    cfg = LearnConfig(steps=30, refresh=1000, lr=5e-2, fit="linear", device="cpu", calibration="none", drift=0.0)
     assert len(fit(merger, support, cfg).linearisations) == 1
     r = fit(merger, support, replace(cfg, drift=0.05))
     lins = r.linearisations
