@@ -30,7 +30,8 @@ from laionfilter.bank import resolve_bank  # noqa: E402
 from laionfilter.metrics import srocc  # noqa: E402
 from laionfilter.profile import load_profile  # noqa: E402
 from laionfilter.score import ScoreConfig, score_shards  # noqa: E402
-from laionfilter.scorer import cpu_chunk_for, cpu_has_bf16  # noqa: E402
+from laionfilter.devices import cpu_has_bf16  # noqa: E402
+from laionfilter.scorer import cpu_chunk_for  # noqa: E402
 
 
 def model_only(bank, prof: Path, variant: str, seconds: float = 10.0) -> float:

@@ -43,7 +43,8 @@ from laionfilter.merger import Merger  # noqa: E402
 from laionfilter.objective import Scored  # noqa: E402
 from laionfilter.recipe import LearnConfig  # noqa: E402
 from laionfilter.metrics import srocc  # noqa: E402
-from laionfilter.model import autocast, build_architecture  # noqa: E402
+from laionfilter.devices import autocast  # noqa: E402
+from laionfilter.model import build_architecture  # noqa: E402
 from laionfilter.profile import load_profile  # noqa: E402
 from laionfilter.score import ScoreConfig, score_shards  # noqa: E402
 

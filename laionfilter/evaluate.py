@@ -28,8 +28,9 @@ from .merger import Merger
 from .objective import Paired, Scored, pair_agreement
 from .log import note, progress_bar
 from .metrics import ranks_anything, srocc
-from .model import eval_transform, pick_device
-from .ratings import Support, read_ratings
+from .devices import pick_device
+from .model import eval_transform
+from .ratings import UserRatings, read_ratings
 from .recipe import CALIBRATIONS, LearnConfig
 
 ZERO_SHOT = "zero-shot ensemble"
@@ -119,8 +120,9 @@ def support_split(n_items: int, seed: int, u_index: int, k: int, trial: int) -> 
     return np.sort(perm[:k]), np.sort(perm[k:]), int(rng.integers(2**31))
 
 
-def split_runs(merger: Merger, sup: Support, u_index: int, k: int, trial: int, methods: dict[str, LearnConfig | str],
-               seed: int, task_preds: np.ndarray, on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+def split_runs(merger: Merger, sup: UserRatings, u_index: int, k: int, trial: int,
+               methods: dict[str, LearnConfig | str], seed: int, task_preds: np.ndarray,
+               on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
     """One split of the protocol: user ``sup`` (the ``u_index``-th of its table), K support items drawn
     for ``trial`` (seeded by those four numbers alone, so that any subset of splits can run anywhere and
     give the same numbers), every method fitted on them and scored on the rest. Empty when the split
@@ -245,8 +247,8 @@ def evaluate_selection(table: str | os.PathLike, bank: Bank, shots: tuple[int, .
             "methods": {s: s for s in selections}, "summary": summarise(runs), "runs": runs}
 
 
-def selection_runs(merger: Merger, sup: Support, u_index: int, trial: int, k: int, selections: tuple[str, ...],
-                   recipe: LearnConfig, seed: int, task_preds: np.ndarray,
+def selection_runs(merger: Merger, sup: UserRatings, u_index: int, trial: int, k: int,
+                   selections: tuple[str, ...], recipe: LearnConfig, seed: int, task_preds: np.ndarray,
                    on_step: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
     """One user, trial and K of ``evaluate_selection`` (seeded by those numbers alone, like ``split_runs``);
     ``on_step(1)`` after each selection's fit."""

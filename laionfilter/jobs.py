@@ -13,7 +13,7 @@ import torch
 
 from .bank import Bank
 from .errors import LaionfilterError
-from .model import torch_threads, usable_cores
+from .devices import torch_threads, usable_cores
 
 # Below this many parameters per model a forward is so short that threads spend their time waiting for
 # each other; beside another busy process they then collapse (benchmarks/threads.py: a 100-step fit on

@@ -23,7 +23,7 @@ from .linearised import fit_linear
 from .jobs import run_jobs
 from .log import progress_bar
 from .merger import Merger
-from .model import pick_device
+from .devices import pick_device
 from .objective import Scored, Support
 from .recipe import LearnConfig
 from .start import Start, starting_point, tuned_layers

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -381,38 +380,3 @@ def eval_transform(arch: Architecture):
     from .images import Preprocessor
 
     return Preprocessor(arch.preprocess)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LaionfilterError(f"--device {name}: no CUDA GPU is visible on this machine (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise LaionfilterError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-    return dev
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch on ``n`` CPU threads within the block; the count before is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(before)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; full precision on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()

@@ -31,8 +31,9 @@ MAX_LISTED = 30
 
 
 @dataclass
-class Support:
-    """One user's support set, decoded and preprocessed once."""
+class UserRatings:
+    """One user's answers (their support set), decoded and preprocessed once; ``objective.Scored`` or
+    ``objective.Paired`` is what a fit takes from it."""
 
     user: str
     images: list[str]  # resolved path or shard key, one per distinct image
@@ -48,7 +49,7 @@ class Ratings:
     """A validated ratings file: one support set per user, and what a profile records about the file."""
 
     path: Path
-    supports: list[Support]
+    supports: list[UserRatings]
     per_user: bool  # the file has a user column: one profile per user, in a folder
     sha256: str
 
@@ -228,7 +229,7 @@ def read_ratings(path: str | os.PathLike, transform: Callable, shards: str | Non
             note(f"{path}: rows {', '.join(str(i + 2) for i in rows)} rate the same image {images[rows[0]]!r}"
                  f"{f' for user {u!r}' if 'user' in table.column_names else ''}; using their mean score")
         keys = list(per_image)
-        out.append(Support(
+        out.append(UserRatings(
             user=u, images=keys,
             scores=np.array([np.mean([scores[i] for i in per_image[k]]) for k in keys]),
             pixels=torch.stack([pixels[k] for k in keys]),
@@ -273,7 +274,7 @@ def read_pairs(path: Path, table, transform: Callable, shards: str | None = None
         at = {k: j for j, k in enumerate(keys)}
         strict = [(at[a_refs[i]], at[b_refs[i]]) if winners[i] == "a" else (at[b_refs[i]], at[a_refs[i]])
                   for i in rows if winners[i] != "tie"]
-        out.append(Support(
+        out.append(UserRatings(
             user=u, images=keys, scores=None, pixels=torch.stack([pixels[k] for k in keys]),
             rows=[[i + 2 for i in rows if k in (a_refs[i], b_refs[i])] for k in keys],
             pairs=np.array(strict, dtype=np.int64),

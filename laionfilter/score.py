@@ -117,7 +117,8 @@ def score_shards(shards: str | list[str], profiles: list[str | os.PathLike], out
     if cfg.distributor not in ("local", "ray"):
         raise LaionfilterError(f"distributor must be local or ray, not {cfg.distributor!r}")
     if cfg.distributor == "local":
-        from .scorer import check_decode, resolve_precision, scoring_device
+        from .devices import resolve_precision
+        from .scorer import check_decode, scoring_device
 
         device = scoring_device(cfg.device)  # refuse a missing GPU, or options it cannot take, before any work
         check_decode(cfg.decode, device)

@@ -23,7 +23,8 @@ from .images import MAX_PIXELS, Preprocessor
 from .log import note, progress_bar
 from .mapper import Batch, ShardDone, decode_on_device, shard_batches
 from .merge import merge_weights
-from .model import ScoreHead, ScoreModel, count_blocks, layer_stage, pick_device, usable_cores
+from .devices import pick_device, resolve_precision, usable_cores
+from .model import ScoreHead, ScoreModel, count_blocks, layer_stage
 from .profile import Profile
 from .reader import shard_name
 from .writer import ShardRows, rating_columns
@@ -36,33 +37,6 @@ def scoring_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this processor computes in bf16 natively (AVX-512 BF16 or AMX): then a bf16 ViT runs several
-    times faster than float32 on it (benchmarks/README.md, "Scoring speed"). Linux's /proc/cpuinfo, else False."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = set(cpuinfo.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype the vision tower's weights are held in: ``auto`` is bf16 on a GPU that has it and on a CPU
-    with AVX-512 BF16 or AMX, float32 elsewhere. The score head always runs in float32."""
-    if precision not in PRECISIONS:
-        raise LaionfilterError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
-        precision = "bf16" if fast else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 # ``full`` (the default): every image decoded at full size by the workers on the CPU. The others are

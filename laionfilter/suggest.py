@@ -76,7 +76,7 @@ def task_predictions_of(items, bank, device: str = "auto", merger=None) -> tuple
     from .images import ImageDecodeError, Preprocessor
     from .merger import Merger
     from .log import note
-    from .model import pick_device
+    from .devices import pick_device
 
     pre = Preprocessor(bank.architecture.preprocess)
     pixels, kept = [], []
@@ -135,7 +135,7 @@ def suggest(items, bank, n: int = 10, ratings: str | None = None, out: str | Non
     from .objective import Scored
     from .recipe import LearnConfig
     from .log import note
-    from .model import pick_device
+    from .devices import pick_device
 
     if by not in ("tasks", "fit"):
         raise LaionfilterError(f"--by must be tasks or fit, not {by!r}")

@@ -27,7 +27,7 @@ from PIL import Image
 
 from laionfilter.bank import resolve_bank
 from laionfilter.formats import PROFILE_FORMAT
-from laionfilter.model import torch_threads
+from laionfilter.devices import torch_threads
 from laionfilter.profile import Profile
 from laionfilter.score import ScoreConfig, score_shards
 

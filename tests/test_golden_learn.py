@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from laionfilter.bank import resolve_bank
-from laionfilter.model import eval_transform, torch_threads
+from laionfilter.devices import torch_threads
+from laionfilter.model import eval_transform
 from laionfilter.ratings import read_ratings
 from laionfilter.recipe import LearnConfig
 

@@ -14,7 +14,8 @@ from laionfilter.merger import Merger
 from laionfilter.objective import Paired, Scored, bradley_terry_loss
 from laionfilter.start import init_coefficients
 from laionfilter.merge import merge_weights
-from laionfilter.model import eval_transform, torch_threads
+from laionfilter.devices import torch_threads
+from laionfilter.model import eval_transform
 from laionfilter.profile import learn_profiles, load_profile
 from laionfilter.recipe import LearnConfig
 from laionfilter.metrics import srocc
@@ -294,7 +295,7 @@ def test_a_fit_that_fails_in_its_process_stops_the_others_and_queues_nothing_mor
 def test_fits_go_side_by_side_by_default_only_for_small_models_on_one_thread(small_bank, monkeypatch):
     import laionfilter.jobs as jobs_module
     from laionfilter.jobs import fit_processes
-    from laionfilter.model import usable_cores
+    from laionfilter.devices import usable_cores
 
     monkeypatch.delenv("LAIONFILTER_JOBS", raising=False)
     merger = Merger(small_bank, torch.device("cpu"))

@@ -232,7 +232,7 @@ def test_ratings_may_name_sample_keys_in_shards(shards, small_bank, tmp_path):
 # Decoding and precision ------------------------------------------------------------------------------
 
 def test_bf16_is_chosen_where_the_processor_has_it():
-    from laionfilter.scorer import cpu_has_bf16, resolve_precision
+    from laionfilter.devices import cpu_has_bf16, resolve_precision
 
     cpu = torch.device("cpu")
     assert cpu_has_bf16("flags : fpu avx512f avx512_bf16 avx512_vnni") and cpu_has_bf16("flags : amx_bf16 amx_tile")

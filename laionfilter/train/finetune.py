@@ -24,7 +24,8 @@ from ..formats import TASK_FORMAT
 from ..objective import cosine_lr
 from ..log import note, progress_bar
 from ..metrics import plcc, srocc
-from ..model import SCALES, HeadConfig, autocast, eval_transform, layer_names, load_base, model_state, pick_device
+from ..devices import autocast, pick_device
+from ..model import SCALES, HeadConfig, eval_transform, layer_names, load_base, model_state
 from ..safefiles import read_json, read_toml, read_safetensors, state_fingerprint, write_json, write_safetensors
 
 
