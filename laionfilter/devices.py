@@ -13,6 +13,8 @@ from .errors import LaionfilterError
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``name`` as a device (``auto``: a CUDA GPU where one is visible, else the CPU); a clear error for
+    a GPU this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
