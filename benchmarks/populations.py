@@ -48,13 +48,14 @@ PAPER, LINEAR = "the paper's recipe", "the linear fit"
 def methods(steps: int) -> dict[str, LearnConfig | str]:
     """``evaluate``'s baselines, the paper's recipe, the linear fit (no drift rule) with the refresh
     intervals it was chosen among, with the drift rule (0.05 is the default recipe's), and the paper's
-    recipe learning the score head alone (``--tune head``: fitted on the trunk's features, computed
-    once); all uncalibrated (calibration changes no ranking)."""
+    recipe and the default learning the score head alone (``--tune head``: fitted on the trunk's
+    features, computed once); all uncalibrated (calibration changes no ranking)."""
     base = LearnConfig(steps=steps, device="cpu", calibration="none")
     ms = methods_named(base, [ZERO_SHOT, BEST_SINGLE, PAPER, LINEAR])
     return {**ms, f"{LINEAR}, refresh 50": replace(ms[LINEAR], refresh=50),
             f"{LINEAR}, refresh 250": replace(ms[LINEAR], refresh=250),
             f"{PAPER}, --tune head": replace(ms[PAPER], tune="head"),
+            "the default, --tune head": replace(base, tune="head"),
             **{f"{LINEAR}, drift {d}": replace(ms[LINEAR], drift=d) for d in (0.03, 0.05)}}
 
 
