@@ -152,8 +152,12 @@ def fit_linear(merger: Merger, supports: list[Support], cfg: LearnConfig, starts
             for i in due:
                 current[i] = replace(merger.linearise(full[i], supports[i].pixels, tuned), step=step)
                 made[i].append(current[i])
-        if due:
+        if point is None:
             point, lin_scores, lin_grads = _stack(current, terms.images, L)
+        else:  # only the support sets expanded anew: the others' rows stand (a thousand users' every step)
+            for i in due:
+                k = len(current[i].scores)
+                point[i], lin_scores[i, :k], lin_grads[i, :k] = current[i].alpha, current[i].scores, current[i].grads
         lr = cosine_lr(step, cfg.steps, cfg.lr, cfg.lr_end)
         if all(b == k for b, k in zip(batch, terms.units)):
             chosen = all_units
